@@ -1,0 +1,71 @@
+# One way to run things: the README and .ci/run both use these targets.
+#
+# Build outputs live outside the clone so a fresh clone reuses them:
+#   CARGO_TARGET_DIR  ~/.cache/switchyard/target
+#   Go caches         Go's defaults under $HOME
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+CACHE ?= $(HOME)/.cache/switchyard
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
+CARGO_DENY_VERSION := 0.20.2
+
+# Debian packages the agent and its tests need (the kernel tools it drives and the test network tools).
+APT_PACKAGES := iptables nftables ipset conntrack iproute2 user-mode-linux procps iputils-ping socat
+
+.PHONY: help setup setup-apt setup-rust test fmt-check clippy unit crds crds-check deny demo
+
+help:
+	@echo "make demo   - run the demo (see README.md)"
+	@echo "make test   - install what the tests need, then run every check CI runs"
+	@echo "make crds   - regenerate crds/*.yaml from the API types"
+
+setup: setup-apt setup-rust
+
+setup-apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+setup-rust:
+	@rustup component add rustfmt clippy >/dev/null 2>&1 || true
+	@if ! cargo deny --version 2>/dev/null | grep -q "$(CARGO_DENY_VERSION)"; then \
+	  echo "installing cargo-deny $(CARGO_DENY_VERSION)"; \
+	  CARGO_TARGET_DIR=$(CACHE)/tools-target cargo install cargo-deny --version $(CARGO_DENY_VERSION) --locked --quiet; \
+	fi
+
+test: setup fmt-check clippy crds-check unit deny
+
+fmt-check:
+	cargo fmt --all --check
+
+clippy:
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	cargo test --workspace --locked
+
+crds:
+	cargo run --quiet --locked -p switchyard-api --bin crdgen
+
+# The committed YAML must be what the types generate (the schema test checks the same from inside cargo).
+crds-check:
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	cargo run --quiet --locked -p switchyard-api --bin crdgen $$tmp >/dev/null; \
+	for f in $$tmp/*.yaml; do \
+	  diff -u crds/$$(basename $$f) $$f || { echo "crds/ is out of date: run make crds and commit"; exit 1; }; \
+	done; \
+	diff -u docs/configuration.md $$tmp/configuration.md || { echo "docs/configuration.md is out of date: run make crds"; exit 1; }
+
+deny:
+	cargo deny --log-level error check
+
+demo:
+	@echo "The demo is not built yet. Once the local cluster and the Helm chart land, 'make demo' will:"
+	@echo "  1. start a real Kubernetes control plane and three simulated nodes in network namespaces,"
+	@echo "  2. install Switchyard with helm and apply examples/proxyconfig-iptables.yaml,"
+	@echo "  3. deploy echo pods behind a Service and show requests from a client pod spread over them,"
+	@echo "  4. print 'kubectl get proxyconfig,proxynodes'."
+	@echo "Today you can run the tests: make test"

@@ -1,0 +1,5 @@
+//! The Switchyard node agent's entry point.
+
+fn main() {
+    println!("switchyard-agent {}", env!("CARGO_PKG_VERSION"));
+}
