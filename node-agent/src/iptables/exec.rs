@@ -1,0 +1,1 @@
+//! Applying rendered rules to the kernel with `iptables-restore`.

@@ -1,0 +1,1 @@
+//! Pure rendering of the model into `iptables-restore` input.

@@ -1,0 +1,5 @@
+//! Switchyard's node agent: watches Services and EndpointSlices, models what this node must proxy, and
+//! programs the chosen dataplane.
+
+pub mod iptables;
+pub mod model;

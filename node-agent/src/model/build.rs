@@ -1,0 +1,1 @@
+//! Builds the per-family [`ProxyState`](super::ProxyState) from Services, EndpointSlices and the Node.
