@@ -36,7 +36,10 @@ fn topology(endpoints: &[Endpoint], node: &NodeInfo) -> Topology {
         return Topology::SameNode;
     }
     let all_zone_hints = ready().all(|e| !e.zone_hints.is_empty());
-    let for_zone = node.zone.as_ref().is_some_and(|z| ready().any(|e| e.zone_hints.contains(z)));
+    let for_zone = node
+        .zone
+        .as_ref()
+        .is_some_and(|z| ready().any(|e| e.zone_hints.contains(z)));
     if all_zone_hints && for_zone {
         return Topology::SameZone;
     }
@@ -47,7 +50,10 @@ fn allowed(endpoint: &Endpoint, topology: Topology, node: &NodeInfo) -> bool {
     match topology {
         Topology::Any => true,
         Topology::SameNode => endpoint.node_hints.iter().any(|n| *n == node.name),
-        Topology::SameZone => node.zone.as_ref().is_some_and(|z| endpoint.zone_hints.contains(z)),
+        Topology::SameZone => node
+            .zone
+            .as_ref()
+            .is_some_and(|z| endpoint.zone_hints.contains(z)),
     }
 }
 
@@ -69,12 +75,19 @@ pub fn categorize(
 
     if uses_cluster {
         let topo = topology(endpoints, node);
-        out.cluster = endpoints.iter().filter(|e| e.ready && allowed(e, topo, node)).cloned().collect();
+        out.cluster = endpoints
+            .iter()
+            .filter(|e| e.ready && allowed(e, topo, node))
+            .cloned()
+            .collect();
         if out.cluster.is_empty() {
             // No ready endpoint anywhere (hints are ignored when none is ready for us): fall back to
             // endpoints that are terminating but still serving, so connections drain instead of failing.
-            out.cluster =
-                endpoints.iter().filter(|e| serving_terminating(e) && allowed(e, topo, node)).cloned().collect();
+            out.cluster = endpoints
+                .iter()
+                .filter(|e| serving_terminating(e) && allowed(e, topo, node))
+                .cloned()
+                .collect();
         }
     }
 
@@ -124,7 +137,11 @@ mod tests {
         e
     }
     fn node() -> NodeInfo {
-        NodeInfo { name: "node-a".into(), zone: Some("zone-a".into()), ..Default::default() }
+        NodeInfo {
+            name: "node-a".into(),
+            zone: Some("zone-a".into()),
+            ..Default::default()
+        }
     }
     fn last_octets(eps: &[Endpoint]) -> Vec<u8> {
         eps.iter()
@@ -186,7 +203,11 @@ mod tests {
             },
             Case {
                 name: "not ready and not terminating is unusable",
-                endpoints: vec![Endpoint { ready: false, serving: false, ..ep(1) }],
+                endpoints: vec![Endpoint {
+                    ready: false,
+                    serving: false,
+                    ..ep(1)
+                }],
                 uses_cluster: true,
                 uses_local: false,
                 cluster: vec![],
@@ -231,7 +252,11 @@ mod tests {
             },
             Case {
                 name: "zone hints keep endpoints of this zone",
-                endpoints: vec![zones(ep(1), &["zone-a"]), zones(ep(2), &["zone-b"]), zones(ep(3), &["zone-a"])],
+                endpoints: vec![
+                    zones(ep(1), &["zone-a"]),
+                    zones(ep(2), &["zone-b"]),
+                    zones(ep(3), &["zone-a"]),
+                ],
                 uses_cluster: true,
                 uses_local: false,
                 cluster: vec![1, 3],
@@ -282,7 +307,14 @@ mod tests {
             },
             Case {
                 name: "hints on not-ready endpoints do not count",
-                endpoints: vec![zones(ep(1), &["zone-b"]), Endpoint { ready: false, serving: false, ..ep(2) }],
+                endpoints: vec![
+                    zones(ep(1), &["zone-b"]),
+                    Endpoint {
+                        ready: false,
+                        serving: false,
+                        ..ep(2)
+                    },
+                ],
                 uses_cluster: true,
                 uses_local: false,
                 cluster: vec![1],
@@ -301,7 +333,10 @@ mod tests {
     #[test]
     fn zone_hints_are_ignored_on_a_node_without_a_zone_label() {
         let eps = vec![zones(ep(1), &["zone-a"]), zones(ep(2), &["zone-b"])];
-        let node = NodeInfo { name: "node-a".into(), ..Default::default() };
+        let node = NodeInfo {
+            name: "node-a".into(),
+            ..Default::default()
+        };
         let got = categorize(&eps, &node, true, false);
         assert_eq!(last_octets(&got.cluster), vec![1, 2]);
     }

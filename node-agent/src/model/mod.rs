@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-// pub use build::{BuildReport, Skipped, build};
+pub use build::{BuildReport, Model, Skipped, build};
 pub use endpoints::categorize;
 
 /// IP family: one proxier (rule set) per family, as upstream.
@@ -202,17 +202,29 @@ impl ServicePort {
 
     /// Endpoints used for traffic from inside the cluster (to the cluster IP).
     pub fn internal_endpoints(&self) -> &[Endpoint] {
-        if self.internal_policy_local { &self.local_endpoints } else { &self.cluster_endpoints }
+        if self.internal_policy_local {
+            &self.local_endpoints
+        } else {
+            &self.cluster_endpoints
+        }
     }
 
     /// Endpoints used for traffic from outside (NodePort, external and load balancer IPs).
     pub fn external_endpoints(&self) -> &[Endpoint] {
-        if self.external_policy_local { &self.local_endpoints } else { &self.cluster_endpoints }
+        if self.external_policy_local {
+            &self.local_endpoints
+        } else {
+            &self.cluster_endpoints
+        }
     }
 
     /// Every endpoint some traffic of this service may reach, without duplicates, sorted.
     pub fn all_endpoints(&self) -> Vec<&Endpoint> {
-        let mut all: Vec<&Endpoint> = self.cluster_endpoints.iter().chain(&self.local_endpoints).collect();
+        let mut all: Vec<&Endpoint> = self
+            .cluster_endpoints
+            .iter()
+            .chain(&self.local_endpoints)
+            .collect();
         all.sort();
         all.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
         all
@@ -242,6 +254,14 @@ pub struct ProxyState {
 }
 
 impl ProxyState {
+    /// An empty state of `family`.
+    pub fn empty(family: IpFamily) -> Self {
+        Self {
+            family: Some(family),
+            services: BTreeMap::new(),
+        }
+    }
+
     /// Number of endpoints programmed, over all service ports.
     pub fn endpoint_count(&self) -> usize {
         self.services.values().map(|s| s.all_endpoints().len()).sum()
