@@ -1,5 +1,7 @@
 //! Switchyard's node agent: watches Services and EndpointSlices, models what this node must proxy, and
 //! programs the chosen dataplane.
 
+pub mod conntrack;
 pub mod iptables;
+pub mod metrics;
 pub mod model;
