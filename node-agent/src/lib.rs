@@ -5,3 +5,5 @@ pub mod conntrack;
 pub mod iptables;
 pub mod metrics;
 pub mod model;
+pub mod server;
+pub mod watch;
