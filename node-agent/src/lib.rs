@@ -6,4 +6,5 @@ pub mod iptables;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod sync;
 pub mod watch;
