@@ -1,0 +1,1 @@
+//! Switchyard's local cluster for end-to-end tests and the demo.
