@@ -27,7 +27,10 @@ pub struct Health {
 impl Health {
     /// Healthy means a successful sync within two sync periods, as upstream.
     pub fn new(sync_period: Duration) -> Self {
-        Self { sync_period, last_success: Mutex::new(None) }
+        Self {
+            sync_period,
+            last_success: Mutex::new(None),
+        }
     }
 
     /// Records a successful sync.
@@ -51,7 +54,9 @@ impl Health {
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }
 
 async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
@@ -62,13 +67,20 @@ async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "currentTime": unix_seconds(now),
         "healthy": healthy,
     });
-    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, [("content-type", "application/json")], body.to_string())
 }
 
 /// Binds the health server and serves it until the task is dropped.
 pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<JoinHandle<()>> {
-    let app = Router::new().route("/healthz", get(healthz)).route("/livez", get(healthz)).with_state(health);
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(healthz))
+        .with_state(health);
     serve(addr, app).await
 }
 
@@ -82,7 +94,10 @@ pub async fn serve_metrics(
         .route(
             "/metrics",
             get(|State(registry): State<Arc<Registry>>| async move {
-                ([("content-type", "text/plain; version=0.0.4")], crate::metrics::encode(&registry))
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    crate::metrics::encode(&registry),
+                )
             }),
         )
         .route("/proxyMode", get(move || async move { mode }))
@@ -98,6 +113,9 @@ async fn serve(addr: SocketAddr, app: Router) -> std::io::Result<JoinHandle<()>>
         }
     }))
 }
+
+/// What a health-check server answers from: the local endpoint count and the service's name.
+type HealthCheckState = (Arc<AtomicUsize>, Arc<Mutex<(String, String)>>);
 
 /// One service's health-check server.
 #[derive(Debug)]
@@ -125,7 +143,7 @@ pub struct HealthCheckServers {
 }
 
 async fn health_check(
-    State((count, service)): State<(Arc<AtomicUsize>, Arc<Mutex<(String, String)>>)>,
+    State((count, service)): State<HealthCheckState>,
 ) -> impl IntoResponse {
     let local = count.load(Ordering::Relaxed);
     let (namespace, name) = service.lock().map(|s| s.clone()).unwrap_or_default();
@@ -134,7 +152,11 @@ async fn health_check(
         "localEndpoints": local,
         "serviceProxyHealthy": true,
     });
-    let status = if local > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if local > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, [("content-type", "application/json")], body.to_string())
 }
 
@@ -151,7 +173,9 @@ impl HealthCheckServers {
         });
         for (port, target) in wanted {
             if let Some(server) = self.servers.get(port) {
-                server.local_endpoints.store(target.local_endpoints, Ordering::Relaxed);
+                server
+                    .local_endpoints
+                    .store(target.local_endpoints, Ordering::Relaxed);
                 if let Ok(mut s) = server.service.lock() {
                     *s = (target.namespace.clone(), target.name.clone());
                 }
@@ -159,7 +183,9 @@ impl HealthCheckServers {
             }
             let count = Arc::new(AtomicUsize::new(target.local_endpoints));
             let service = Arc::new(Mutex::new((target.namespace.clone(), target.name.clone())));
-            let app = Router::new().fallback(health_check).with_state((count.clone(), service.clone()));
+            let app = Router::new()
+                .fallback(health_check)
+                .with_state((count.clone(), service.clone()));
             // Dual-stack socket: one listener answers on every local address of both families.
             let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, *port));
             let bound = match serve(addr, app.clone()).await {
@@ -168,9 +194,18 @@ impl HealthCheckServers {
             };
             match bound {
                 Ok(task) => {
-                    self.servers.insert(*port, HealthCheck { local_endpoints: count, service, task });
+                    self.servers.insert(
+                        *port,
+                        HealthCheck {
+                            local_endpoints: count,
+                            service,
+                            task,
+                        },
+                    );
                 }
-                Err(error) => tracing::warn!(port, %error, service = %target.name, "cannot bind healthCheckNodePort"),
+                Err(error) => {
+                    tracing::warn!(port, %error, service = %target.name, "cannot bind healthCheckNodePort")
+                }
             }
         }
     }
@@ -206,7 +241,10 @@ mod tests {
     async fn get_status(port: u16) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
         let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -214,14 +252,22 @@ mod tests {
     }
 
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     #[tokio::test]
     async fn health_check_node_port_reports_local_endpoints() {
         let port = free_port();
         let mut servers = HealthCheckServers::default();
-        let target = |n| HealthCheckTarget { namespace: "ns".into(), name: "lb".into(), local_endpoints: n };
+        let target = |n| HealthCheckTarget {
+            namespace: "ns".into(),
+            name: "lb".into(),
+            local_endpoints: n,
+        };
 
         servers.reconcile(&BTreeMap::from([(port, target(2))])).await;
         let (status, body) = get_status(port).await;

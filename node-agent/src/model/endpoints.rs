@@ -31,7 +31,7 @@ enum Topology {
 fn topology(endpoints: &[Endpoint], node: &NodeInfo) -> Topology {
     let ready = || endpoints.iter().filter(|e| e.ready);
     let all_node_hints = ready().all(|e| !e.node_hints.is_empty());
-    let for_node = ready().any(|e| e.node_hints.iter().any(|n| *n == node.name));
+    let for_node = ready().any(|e| e.node_hints.contains(&node.name));
     if all_node_hints && for_node {
         return Topology::SameNode;
     }
@@ -49,7 +49,7 @@ fn topology(endpoints: &[Endpoint], node: &NodeInfo) -> Topology {
 fn allowed(endpoint: &Endpoint, topology: Topology, node: &NodeInfo) -> bool {
     match topology {
         Topology::Any => true,
-        Topology::SameNode => endpoint.node_hints.iter().any(|n| *n == node.name),
+        Topology::SameNode => endpoint.node_hints.contains(&node.name),
         Topology::SameZone => node
             .zone
             .as_ref()
