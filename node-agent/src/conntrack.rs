@@ -55,13 +55,12 @@ pub trait Conntrack: Send + Sync {
 #[derive(Clone, Debug)]
 pub struct ConntrackTool {
     binary: PathBuf,
+    prefix: Vec<String>,
 }
 
 impl Default for ConntrackTool {
     fn default() -> Self {
-        Self {
-            binary: PathBuf::from("conntrack"),
-        }
+        Self::new("conntrack")
     }
 }
 
@@ -70,7 +69,14 @@ impl ConntrackTool {
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         Self {
             binary: binary.into(),
+            prefix: vec![],
         }
+    }
+
+    /// Runs the binary through a prefix command, e.g. `ip netns exec <ns>` in tests.
+    pub fn with_prefix(mut self, prefix: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.prefix = prefix.into_iter().map(Into::into).collect();
+        self
     }
 }
 
@@ -95,7 +101,15 @@ fn args_for(filter: &FlowFilter) -> Vec<String> {
 
 impl Conntrack for ConntrackTool {
     fn delete_udp(&self, filter: &FlowFilter) -> Result<u64, ConntrackError> {
-        let output = Command::new(&self.binary)
+        let mut command = match self.prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
+        let output = command
             .args(args_for(filter))
             .output()
             .map_err(|source| ConntrackError::Spawn {

@@ -1,6 +1,7 @@
 //! Switchyard's node agent: watches Services and EndpointSlices, models what this node must proxy, and
 //! programs the chosen dataplane.
 
+pub mod cli;
 pub mod conntrack;
 pub mod iptables;
 pub mod metrics;

@@ -1,5 +1,5 @@
-//! The Switchyard node agent's entry point.
+//! `switchyard-agent`: see `switchyard-agent --help`.
 
-fn main() {
-    println!("switchyard-agent {}", env!("CARGO_PKG_VERSION"));
+fn main() -> anyhow::Result<()> {
+    switchyard_agent::cli::main()
 }

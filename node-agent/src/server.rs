@@ -142,9 +142,7 @@ pub struct HealthCheckServers {
     servers: BTreeMap<u16, HealthCheck>,
 }
 
-async fn health_check(
-    State((count, service)): State<HealthCheckState>,
-) -> impl IntoResponse {
+async fn health_check(State((count, service)): State<HealthCheckState>) -> impl IntoResponse {
     let local = count.load(Ordering::Relaxed);
     let (namespace, name) = service.lock().map(|s| s.clone()).unwrap_or_default();
     let body = serde_json::json!({

@@ -51,12 +51,18 @@ impl Changes {
 
     /// Takes every pending change.
     pub fn take(&self) -> Pending {
-        self.pending.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default()
+        self.pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
     }
 
     /// Counts of pending (service, endpoint) changes, for metrics.
     pub fn pending_counts(&self) -> (u64, u64) {
-        self.pending.lock().map(|p| (p.services, p.endpoints)).unwrap_or_default()
+        self.pending
+            .lock()
+            .map(|p| (p.services, p.endpoints))
+            .unwrap_or_default()
     }
 
     /// Waits until a change is recorded.
@@ -103,21 +109,28 @@ fn reflect<K, F>(
     on_change: F,
 ) -> (Store<K>, impl Stream<Item = ()> + Send)
 where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
     F: Fn(&mut Pending, &K) + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&());
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(slim)).map(
-        move |event| match event {
-            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
-                changes.record(|p| on_change(p, &obj));
+    let stream =
+        reflector::reflector(writer, watcher(api, config).default_backoff().modify(slim)).map(move |event| {
+            match event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+                    changes.record(|p| on_change(p, &obj));
+                }
+                Ok(watcher::Event::InitDone) => changes.record(|_| {}),
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Err(error) => tracing::warn!(%kind, %error, "watch failed; retrying with backoff"),
             }
-            Ok(watcher::Event::InitDone) => changes.record(|_| {}),
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-            Err(error) => tracing::warn!(%kind, %error, "watch failed; retrying with backoff"),
-        },
-    );
+        });
     (reader, stream)
 }
 
@@ -126,11 +139,13 @@ pub fn start(
     client: Client,
     node_name: &str,
     changes: Arc<Changes>,
-) -> (Stores, impl std::future::Future<Output = ()> + Send) {
-    let (services, service_stream) =
-        reflect(Api::<Service>::all(client.clone()), watcher::Config::default(), changes.clone(), |p, _| {
-            p.services += 1
-        });
+) -> (Stores, impl std::future::Future<Output = ()> + Send + use<>) {
+    let (services, service_stream) = reflect(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        changes.clone(),
+        |p, _| p.services += 1,
+    );
     let (slices, slice_stream) = reflect(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels("!service.kubernetes.io/headless"),
@@ -152,7 +167,14 @@ pub fn start(
         let all = futures::stream::select(futures::stream::select(service_stream, slice_stream), node_stream);
         all.for_each(|()| async {}).await;
     };
-    (Stores { services, slices, node }, drive)
+    (
+        Stores {
+            services,
+            slices,
+            node,
+        },
+        drive,
+    )
 }
 
 #[cfg(test)]
@@ -167,7 +189,10 @@ mod tests {
         }))
         .unwrap();
         let t = trigger_time(&slice).unwrap();
-        assert_eq!(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(), 1_795_341_600);
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_795_341_600
+        );
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! rules into them from the built-in chains (each tagged with a comment naming Switchyard). It never
 //! flushes, edits or deletes anything else.
 
+pub mod backend;
 pub mod exec;
 pub mod render;
+#[cfg(test)]
+pub mod trace;
 
 /// Prefix of every chain Switchyard creates.
 pub const CHAIN_PREFIX: &str = "SWYD-";
