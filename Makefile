@@ -44,8 +44,14 @@ fmt-check:
 clippy:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# Kernel tests run for real as root (network namespaces only); .ci/run sets SWITCHYARD_REQUIRE_PRIVILEGED so a
+# skipped one fails, and the skip marker in the output is checked as a second line of defence.
 unit:
-	cargo test --workspace --locked
+	@log=$$(mktemp); trap 'rm -f $$log' EXIT; \
+	cargo test --workspace --locked 2>&1 | tee $$log; \
+	if [ -n "$${SWITCHYARD_REQUIRE_PRIVILEGED:-}" ] && grep -q SWYD-TEST-SKIPPED $$log; then \
+	  echo "privileged tests were skipped; CI must run them"; exit 1; \
+	fi
 
 crds:
 	cargo run --quiet --locked -p switchyard-api --bin crdgen

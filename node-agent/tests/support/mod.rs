@@ -43,6 +43,11 @@ pub fn require_root(test: &str) -> bool {
     if is_root() {
         return true;
     }
+    // CI sets this: there a skipped kernel test is a failure, not a pass.
+    assert!(
+        std::env::var_os("SWITCHYARD_REQUIRE_PRIVILEGED").is_none(),
+        "{test} needs root and SWITCHYARD_REQUIRE_PRIVILEGED is set"
+    );
     // Written to the process's stderr directly: libtest captures `println!`/`eprintln!` of passing
     // tests, and CI must see the marker.
     let _ = writeln!(
