@@ -9,7 +9,9 @@
 //! Use from a test file with `mod support;`. Each test binary uses a different part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod cluster;
 mod cmd;
+pub mod flow;
 mod netns;
 mod topology;
 mod traffic;
