@@ -439,6 +439,11 @@ pub struct ProxyConfigStatus {
     /// Duration of the last rule sync across nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_duration: Option<SyncDurationSummary>,
+
+    /// When the rollout last made progress (a node became updated or ready); a rollout without progress
+    /// for spec.rollout.progressDeadlineSeconds is reported as Degraded/RolloutHung.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 /// Summary of the last sync duration across the nodes of a ProxyConfig, in milliseconds.

@@ -2,3 +2,4 @@
 //! its nodes' ProxyNodes up into the ProxyConfig's status. Never writes into a ProxyConfig's spec.
 
 pub mod build;
+pub mod status;
