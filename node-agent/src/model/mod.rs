@@ -190,9 +190,11 @@ impl ServicePort {
         self.node_port.is_some() || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
     }
 
-    /// Some traffic of this service uses Cluster policy.
+    /// Some traffic of this service uses Cluster endpoints: internal traffic with Cluster policy, or any
+    /// externally reachable service (even with externalTrafficPolicy Local, traffic from pods and the
+    /// node to its NodePort or load balancer IP short-circuits to every endpoint, as upstream).
     pub fn uses_cluster_endpoints(&self) -> bool {
-        !self.internal_policy_local || (self.externally_accessible() && !self.external_policy_local)
+        !self.internal_policy_local || self.externally_accessible()
     }
 
     /// Some traffic of this service uses Local policy.
