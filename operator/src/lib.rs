@@ -2,4 +2,7 @@
 //! its nodes' ProxyNodes up into the ProxyConfig's status. Never writes into a ProxyConfig's spec.
 
 pub mod build;
+pub mod cli;
+pub mod controller;
+pub mod leader;
 pub mod status;
