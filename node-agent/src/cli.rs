@@ -82,6 +82,11 @@ pub struct RunArgs {
     /// iptables implementation.
     #[arg(long, value_enum, default_value_t = IptablesFlavor::Auto)]
     pub iptables: IptablesFlavor,
+
+    /// Name of the ProxyConfig this agent serves (set by the operator). With it the agent reports its
+    /// state in the ProxyNode named after this node, and removes its rules when the ProxyConfig is deleted.
+    #[arg(long, env = "SWITCHYARD_PROXY_CONFIG")]
+    pub proxy_config: Option<String>,
 }
 
 /// Arguments of `cleanup`.
@@ -189,23 +194,62 @@ async fn run(args: RunArgs, format: LogFormat) -> anyhow::Result<()> {
 
     let client = client(args.kubeconfig.as_deref()).await?;
     let changes = Arc::new(Changes::default());
-    let (stores, watches) = watch::start(client, &node_name, changes.clone());
+    let (stores, watches) = watch::start(client.clone(), &node_name, changes.clone());
     let watches = tokio::spawn(watches);
+    let writer = args
+        .proxy_config
+        .clone()
+        .map(|pc| crate::status::Writer::new(client.clone(), node_name.clone(), pc));
+    let mut cleanup_writer = args
+        .proxy_config
+        .clone()
+        .map(|pc| crate::status::Writer::new(client.clone(), node_name.clone(), pc));
     let proxier = Proxier::new(
         backend,
         Arc::new(ConntrackTool::default()),
         metrics.clone(),
         health,
-        config,
+        config.clone(),
         node_name,
     );
-    let syncing = tokio::spawn(sync::run(proxier, stores, changes, metrics));
+    let syncing = tokio::spawn(sync::run(proxier, stores.clone(), changes, metrics, writer));
 
-    shutdown_signal().await;
-    // Rules stay in place on exit: the next agent takes them over without a gap (never flush on restart).
-    tracing::info!("stopping; rules stay in place");
-    syncing.abort();
-    watches.abort();
+    let deleted = async {
+        match &args.proxy_config {
+            Some(name) => crate::status::wait_for_deletion(client.clone(), name.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = shutdown_signal() => {
+            // Rules stay in place on exit: the next agent takes them over without a gap (never flush on restart).
+            tracing::info!("stopping; rules stay in place");
+            syncing.abort();
+            watches.abort();
+        }
+        () = deleted => {
+            tracing::info!("ProxyConfig deleted: removing every Switchyard rule from this node");
+            syncing.abort();
+            let exec = xtables(args.iptables).into_iter().next().context("no iptables implementation")?;
+            let mut backend = IptablesBackend::new(exec, config.clone());
+            let cleaned = tokio::task::block_in_place(|| backend.cleanup());
+            let report = crate::status::Report {
+                mode: Some(config.mode),
+                config_hash: config.hash(),
+                cleaned_up: cleaned.is_ok(),
+                last_error: cleaned.err().map(|e| e.to_string()),
+                ..crate::status::Report::default()
+            };
+            if let Some(writer) = cleanup_writer.as_mut() {
+                let node = stores.node.state().into_iter().next();
+                writer.update(&report, node.as_deref()).await;
+            }
+            // Stay up (idle) until the operator deletes the DaemonSet, so the pod does not restart and
+            // program the rules again.
+            shutdown_signal().await;
+            watches.abort();
+        }
+    }
     Ok(())
 }
 

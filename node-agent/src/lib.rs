@@ -7,5 +7,6 @@ pub mod iptables;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod status;
 pub mod sync;
 pub mod watch;

@@ -338,8 +338,15 @@ pub fn health_check_targets(model: &Model) -> BTreeMap<u16, HealthCheckTarget> {
     out
 }
 
-/// Drives syncs until the task is dropped.
-pub async fn run(mut proxier: Proxier, stores: Stores, changes: Arc<Changes>, metrics: Arc<Metrics>) {
+/// Drives syncs until the task is dropped, reporting each outcome through `writer` (the node's ProxyNode)
+/// when there is one.
+pub async fn run(
+    mut proxier: Proxier,
+    stores: Stores,
+    changes: Arc<Changes>,
+    metrics: Arc<Metrics>,
+    mut writer: Option<crate::status::Writer>,
+) {
     if let Err(error) = stores.wait_until_ready().await {
         tracing::error!(%error, "watches stopped before their first list");
         return;
@@ -354,6 +361,11 @@ pub async fn run(mut proxier: Proxier, stores: Stores, changes: Arc<Changes>, me
     let mut last_start: Option<tokio::time::Instant> = None;
     let mut carried = Pending::default();
     let mut first = true;
+    let mut report = crate::status::Report {
+        mode: Some(proxier.backend.mode()),
+        config_hash: proxier.config.hash(),
+        ..crate::status::Report::default()
+    };
 
     loop {
         if !first {
@@ -401,6 +413,10 @@ pub async fn run(mut proxier: Proxier, stores: Stores, changes: Arc<Changes>, me
                 if outcome.stats.full {
                     next_full = now + sync_period;
                 }
+                let rules: usize = outcome.stats.rules.values().sum();
+                report.last_sync = Some((k8s_openapi::jiff::Timestamp::now().as_second(), outcome.duration));
+                report.counts = (outcome.services as i64, outcome.endpoints as i64, rules as i64);
+                report.last_error = None;
                 retry_at = None;
                 backoff = Duration::from_secs(1);
             }
@@ -408,9 +424,13 @@ pub async fn run(mut proxier: Proxier, stores: Stores, changes: Arc<Changes>, me
                 tracing::error!(category = error.category, %error, retry_in_ms = backoff.as_millis() as u64,
                     "sync failed; previous rules stay in place");
                 carried.trigger_times = pending.trigger_times;
+                report.last_error = Some(format!("{}: {error}", error.category));
                 retry_at = Some(now + backoff);
                 backoff = (backoff * 2).min(max_backoff);
             }
+        }
+        if let Some(writer) = writer.as_mut() {
+            writer.update(&report, node.as_deref()).await;
         }
         let (svc_pending, ep_pending) = changes.pending_counts();
         metrics
