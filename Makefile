@@ -11,9 +11,9 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 CARGO_DENY_VERSION := 0.20.2
 
 # Debian packages the agent and its tests need (the kernel tools it drives and the test network tools).
-APT_PACKAGES := iptables nftables ipset conntrack iproute2 user-mode-linux procps iputils-ping socat
+APT_PACKAGES := iptables nftables ipset conntrack iproute2 user-mode-linux procps iputils-ping socat lua5.1
 
-.PHONY: help setup setup-apt setup-rust test fmt-check clippy unit crds crds-check deny demo
+.PHONY: help setup setup-apt setup-rust test fmt-check clippy unit crds crds-check deny demo upstream chart-test
 
 help:
 	@echo "make demo   - run the demo (see README.md)"
@@ -36,7 +36,7 @@ setup-rust:
 	  CARGO_TARGET_DIR=$(CACHE)/tools-target cargo install cargo-deny --version $(CARGO_DENY_VERSION) --locked --quiet; \
 	fi
 
-test: setup fmt-check clippy crds-check unit deny
+test: setup fmt-check clippy crds-check unit chart-test deny
 
 fmt-check:
 	cargo fmt --all --check
@@ -55,6 +55,15 @@ unit:
 
 crds:
 	cargo run --quiet --locked -p switchyard-api --bin crdgen
+	cp crds/switchyard.dev_*.yaml charts/switchyard/crds/
+
+# The upstream binaries (helm among them) built from Go modules, cached under ~/.cache/switchyard/bin.
+upstream:
+	e2e/upstream/build.sh
+
+# helm lint and helm template with several value sets, with assertions on the output.
+chart-test: upstream
+	bash charts/switchyard/tests/run.sh
 
 # The committed YAML must be what the types generate (the schema test checks the same from inside cargo).
 crds-check:

@@ -193,22 +193,37 @@ pub fn build(pc: &ProxyConfig, settings: &Settings, excluded_nodes: &[String]) -
             format!("--config={CONFIG_DIR}/{CONFIG_KEY}"),
             "--node-name=$(NODE_NAME)".into(),
         ]),
-        env: Some(vec![
-            EnvVar {
-                name: "NODE_NAME".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "spec.nodeName".into(),
-                        ..Default::default()
+        env: Some(
+            [
+                EnvVar {
+                    name: "NODE_NAME".into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "spec.nodeName".into(),
+                            ..Default::default()
+                        }),
+                        ..EnvVarSource::default()
                     }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-            env("SWITCHYARD_PROXY_CONFIG", &pc.name_any()),
-            env("KUBERNETES_SERVICE_HOST", &settings.api_server_host),
-            env("KUBERNETES_SERVICE_PORT", &settings.api_server_port.to_string()),
-        ]),
+                    ..EnvVar::default()
+                },
+                env("SWITCHYARD_PROXY_CONFIG", &pc.name_any()),
+            ]
+            .into_iter()
+            // Without an explicit address the agents fall back to the kubernetes Service (which works only
+            // while another proxy serves it); an empty value would break their in-cluster configuration.
+            .chain(
+                (!settings.api_server_host.is_empty())
+                    .then(|| {
+                        [
+                            env("KUBERNETES_SERVICE_HOST", &settings.api_server_host),
+                            env("KUBERNETES_SERVICE_PORT", &settings.api_server_port.to_string()),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect(),
+        ),
         ports: Some(vec![ContainerPort {
             name: Some("healthz".into()),
             container_port: health_port,

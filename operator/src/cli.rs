@@ -208,7 +208,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     if args.leader_election {
         tokio::select! {
-            () = controller::run(ctx) => {}
+            // The controller returns on SIGTERM/SIGINT.
+            () = controller::run(ctx) => leader::release(&client, &lease).await,
             () = leader::hold(&client, &lease) => anyhow::bail!("lost leadership; exiting so a new leader takes over"),
         }
     } else {

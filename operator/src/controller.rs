@@ -116,7 +116,9 @@ pub struct Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
@@ -363,3 +365,7 @@ pub async fn run(ctx: Arc<Context>) {
         })
         .await;
 }
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;

@@ -126,6 +126,18 @@ pub async fn hold(client: &Client, settings: &LeaseSettings) {
     }
 }
 
+/// Gives the Lease up at shutdown (deletes it if we hold it), so a successor starts at once and an
+/// uninstall leaves nothing behind.
+pub async fn release(client: &Client, settings: &LeaseSettings) {
+    let api = Api::<Lease>::namespaced(client.clone(), &settings.namespace);
+    if let Ok(Some(lease)) = api.get_opt(&settings.name).await
+        && lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(settings.identity.as_str())
+    {
+        let _ = api.delete(&settings.name, &Default::default()).await;
+        tracing::info!(lease = %settings.name, "released the leader Lease");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,1 @@
+// Reconcile scenarios against a mocked API server (tower-test).
