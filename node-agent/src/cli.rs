@@ -14,6 +14,7 @@ use crate::conntrack::ConntrackTool;
 use crate::iptables::backend::IptablesBackend;
 use crate::iptables::exec::{Backend as XtablesBackend, IptablesRestore};
 use crate::metrics::Metrics;
+use crate::model::IpFamily;
 use crate::server::{self, Health};
 use crate::sync::{self, Backend, Proxier};
 use crate::watch::{self, Changes};
@@ -268,6 +269,19 @@ async fn shutdown_signal() {
     }
 }
 
+/// Whether any table of `exec`'s implementation exists (`*-save` without `-t` prints only existing ones).
+fn has_tables(exec: &IptablesRestore) -> bool {
+    IpFamily::ALL.into_iter().any(|family| {
+        std::process::Command::new(&exec.tools(family).save)
+            .output()
+            .is_ok_and(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .any(|l| l.starts_with('*'))
+            })
+    })
+}
+
 fn cleanup(args: CleanupArgs, format: LogFormat) -> anyhow::Result<()> {
     init_logging(format, "info");
     let flavors = match args.iptables {
@@ -280,6 +294,12 @@ fn cleanup(args: CleanupArgs, format: LogFormat) -> anyhow::Result<()> {
         for exec in xtables(flavor) {
             if !exec.available() {
                 tracing::info!(iptables = ?exec.backend(), "not installed; nothing to clean");
+                continue;
+            }
+            // Listing a chain creates its table, so an implementation holding no table at all is left
+            // alone (the legacy tables must not appear on an nft node).
+            if args.iptables == IptablesFlavor::Auto && !has_tables(&exec) {
+                tracing::info!(iptables = ?exec.backend(), "no tables; nothing to clean");
                 continue;
             }
             let mut backend = IptablesBackend::new(exec, config.clone());

@@ -102,7 +102,10 @@ pub struct Proxier {
     health: Arc<Health>,
     config: AgentConfig,
     node_name: String,
+    /// The model the kernel holds (also after a failed apply, which leaves the previous rules in place).
     previous: Option<Model>,
+    /// The last apply failed: the next sync must be full.
+    force_full: bool,
     health_checks: HealthCheckServers,
     skipped: BTreeSet<(String, String, &'static str)>,
 }
@@ -147,6 +150,7 @@ impl Proxier {
             config,
             node_name,
             previous: None,
+            force_full: false,
             health_checks: HealthCheckServers::default(),
             skipped: BTreeSet::new(),
         }
@@ -159,7 +163,7 @@ impl Proxier {
 
     /// Whether the next sync must be full.
     pub fn needs_full_sync(&mut self) -> bool {
-        self.previous.is_none() || self.backend.needs_full_sync()
+        self.previous.is_none() || self.force_full || self.backend.needs_full_sync()
     }
 
     /// Builds the model from the objects and programs it.
@@ -180,7 +184,7 @@ impl Proxier {
         );
         self.report_skipped(&report.skipped);
 
-        let full = full || self.previous.is_none();
+        let full = full || self.previous.is_none() || self.force_full;
         let result = tokio::task::block_in_place(|| self.backend.sync(&model, &node, full));
         let stats = match result {
             Ok(stats) => stats,
@@ -194,8 +198,9 @@ impl Proxier {
                 if error.category.starts_with("restore") || error.category == "binary_missing" {
                     self.metrics.iptables_restore_failures.inc();
                 }
-                // The kernel still holds the previous rules; forget our view so the retry is full.
-                self.previous = None;
+                // The kernel still holds the previous rules (so `previous` stays, and the stale flows of
+                // endpoints removed meanwhile are cleaned after the next good sync); the retry is full.
+                self.force_full = true;
                 return Err(error);
             }
         };
@@ -227,6 +232,7 @@ impl Proxier {
             duration,
         };
         self.previous = Some(model);
+        self.force_full = false;
         Ok(outcome)
     }
 

@@ -16,13 +16,20 @@
 //! The node is where the proxy's rules go; its podCIDRs are 10.244.1.0/24 and fd00:244:1::/64, the
 //! cluster's 10.244.0.0/16 and fd00:244::/32. Bridged traffic passes the node's iptables
 //! (`bridge-nf-call-iptables`), as Kubernetes requires, so a pod's reply to a pod on the same bridge is
-//! un-NATed.
+//! un-NATed, and every pod's bridge port is in hairpin mode (as the bridge CNI plugin's `hairpinMode`),
+//! so a pod's packet DNATed back to itself can leave through the port it came in.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::cmd::CmdError;
 use super::netns::{NetNs, veth};
 use super::topology::{NodeTopology, Pod};
+
+/// Lets frames leave a bridge port through which they arrived.
+fn hairpin(ns: &NetNs, port: &str) -> Result<(), CmdError> {
+    ns.ip(&["link", "set", port, "type", "bridge_slave", "hairpin", "on"])
+        .map(drop)
+}
 
 /// Client, node, remote node and their pods, all deleted on drop.
 #[derive(Debug)]
@@ -77,6 +84,11 @@ impl Cluster {
         // un-NATed there); new namespaces usually have it on already.
         node.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
         node.sysctl("net.bridge.bridge-nf-call-ip6tables", "1")?;
+        // As the bridge CNI plugin with hairpinMode: with bridged traffic passing iptables, a pod's
+        // packet DNATed back to itself leaves through the port it arrived on.
+        for i in 0..pods.len() {
+            hairpin(&node, &format!("vp{i}"))?;
+        }
 
         let remote_node = NetNs::new(&format!("{label}-remote"))?;
         remote_node.enable_forwarding()?;
@@ -105,6 +117,7 @@ impl Cluster {
             let node_dev = format!("vp{i}");
             veth(&ns, "eth0", &remote_node, &node_dev)?;
             remote_node.attach(&node_dev, "br0")?;
+            hairpin(&remote_node, &node_dev)?;
             let ipv4 = Ipv4Addr::new(10, 244, 2, host);
             let ipv6 = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, u16::from(host));
             ns.add_addr("eth0", &format!("{ipv4}/24"))?;
