@@ -1,6 +1,8 @@
 //! Micro-benchmarks of the pure parts at scale: building the model from 10k Services × 10 endpoints, and
 //! rendering it (full and partial). Run with `make bench-micro`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
 use std::collections::BTreeSet;
 use std::hint::black_box;
 
