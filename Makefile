@@ -13,7 +13,7 @@ CARGO_DENY_VERSION := 0.20.2
 # Debian packages the agent and its tests need (the kernel tools it drives and the test network tools).
 APT_PACKAGES := iptables nftables ipset conntrack iproute2 user-mode-linux procps iputils-ping socat lua5.1
 
-.PHONY: help setup setup-apt setup-rust test fmt-check clippy unit crds crds-check deny demo upstream chart-test
+.PHONY: help setup setup-apt setup-rust test fmt-check clippy unit crds crds-check deny demo upstream chart-test bench-micro bench-sync
 
 help:
 	@echo "make demo   - run the demo (see README.md)"
@@ -36,7 +36,7 @@ setup-rust:
 	  CARGO_TARGET_DIR=$(CACHE)/tools-target cargo install cargo-deny --version $(CARGO_DENY_VERSION) --locked --quiet; \
 	fi
 
-test: setup fmt-check clippy crds-check unit chart-test deny
+test: setup setup-e2e fmt-check clippy crds-check unit chart-test e2e-test deny
 
 fmt-check:
 	cargo fmt --all --check
@@ -48,7 +48,7 @@ clippy:
 # skipped one fails, and the skip marker in the output is checked as a second line of defence.
 unit:
 	@log=$$(mktemp); trap 'rm -f $$log' EXIT; \
-	cargo test --workspace --locked 2>&1 | tee $$log; \
+	cargo test --workspace --locked --exclude switchyard-e2e 2>&1 | tee $$log; \
 	if [ -n "$${SWITCHYARD_REQUIRE_PRIVILEGED:-}" ] && grep -q SWYD-TEST-SKIPPED $$log; then \
 	  echo "privileged tests were skipped; CI must run them"; exit 1; \
 	fi
@@ -83,6 +83,15 @@ deny:
 	  echo "NOTICE: advisories NOT checked: the RustSec database (github.com) is unreachable from this machine"; \
 	else echo "$$out"; exit $$status; fi
 
+# Benchmarks (results and method in docs/benchmarks.md). Timed figures are never asserted in tests.
+bench-micro:
+	cargo bench --locked -p switchyard-agent --bench pipeline
+
+# Full sync against iptables-restore alone on the real kernel (root; network namespaces only).
+bench-sync:
+	BENCH_IPTABLES=legacy cargo bench --locked -p switchyard-agent --bench full_sync
+	BENCH_IPTABLES=nft BENCH_SIZES=1000 cargo bench --locked -p switchyard-agent --bench full_sync
+
 demo:
 	@echo "The demo is not built yet. Once the local cluster and the Helm chart land, 'make demo' will:"
 	@echo "  1. start a real Kubernetes control plane and three simulated nodes in network namespaces,"
@@ -90,3 +99,34 @@ demo:
 	@echo "  3. deploy echo pods behind a Service and show requests from a client pod spread over them,"
 	@echo "  4. print 'kubectl get proxyconfig,proxynodes'."
 	@echo "Today you can run the tests: make test"
+
+# ---------------------------------------------------------------------------------------------------------
+# Local cluster for the e2e tests and the demo (issue 4; see e2e/README.md): a real control plane built from
+# upstream Go modules plus simulated nodes in network namespaces. Needs root.
+#   make cluster-up [E2E_CLUSTER=dev E2E_NODES=3]   start it (reuses a running one), print the kubeconfig
+#   make cluster-down [E2E_CLUSTER=dev]             stop it and remove every namespace/process/mount/file
+#   make e2e-test                                   the e2e tests (each starts and removes its own cluster)
+E2E_CLUSTER ?= dev
+E2E_NODES ?= 3
+E2E_BIN := $(CARGO_TARGET_DIR)/debug/switchyard-e2e
+
+.PHONY: setup-e2e e2e-build cluster-up cluster-down cluster-status e2e-test
+
+setup-e2e: setup-apt
+	e2e/upstream/build.sh
+
+e2e-build:
+	cargo build --quiet --locked -p switchyard-e2e
+
+cluster-up: setup-e2e e2e-build
+	$(E2E_BIN) cluster up --name $(E2E_CLUSTER) --nodes $(E2E_NODES)
+
+cluster-down: e2e-build
+	$(E2E_BIN) cluster down --name $(E2E_CLUSTER)
+
+cluster-status: e2e-build
+	$(E2E_BIN) cluster status --name $(E2E_CLUSTER)
+
+# SWITCHYARD_REQUIRE_PRIVILEGED=1: a test that cannot run (not root) fails instead of skipping.
+e2e-test: setup-e2e
+	SWITCHYARD_REQUIRE_PRIVILEGED=1 cargo test --locked -p switchyard-e2e

@@ -12,13 +12,14 @@ use nix::unistd::Pid;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::layout::{PREFIX, is_harness_netns};
 use crate::netns;
 
 /// Which clusters to look for.
 #[derive(Clone, Debug)]
 pub struct Scope {
-    /// Network namespace prefix (`swyd-<name>-`, or `swyd-` for all clusters).
-    pub netns_prefix: String,
+    /// Cluster name; `None` for every cluster.
+    pub cluster: Option<String>,
     /// State folders.
     pub state_dirs: Vec<PathBuf>,
 }
@@ -37,6 +38,14 @@ pub struct Leftovers {
 }
 
 impl Leftovers {
+    /// Adds what `other` found.
+    pub fn merge(&mut self, other: Leftovers) {
+        self.namespaces.extend(other.namespaces);
+        self.processes.extend(other.processes);
+        self.mounts.extend(other.mounts);
+        self.files.extend(other.files);
+    }
+
     /// Nothing left.
     pub fn is_empty(&self) -> bool {
         self.namespaces.is_empty()
@@ -94,7 +103,10 @@ pub fn alive(pid: u32) -> bool {
 
 /// Looks for leftovers.
 pub fn find(scope: &Scope) -> Leftovers {
-    let namespaces = netns::list(&scope.netns_prefix);
+    let namespaces: Vec<String> = netns::list(PREFIX)
+        .into_iter()
+        .filter(|ns| is_harness_netns(ns, scope.cluster.as_deref()))
+        .collect();
     let inodes: HashSet<u64> = namespaces
         .iter()
         .filter_map(|ns| std::fs::metadata(netns::path(ns)).ok().map(|m| m.ino()))
@@ -135,7 +147,8 @@ pub fn find(scope: &Scope) -> Leftovers {
         .lines()
         .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
         .filter(|m| {
-            m.starts_with(&format!("{}/{}", netns::NETNS_DIR, scope.netns_prefix))
+            m.strip_prefix(&format!("{}/", netns::NETNS_DIR))
+                .is_some_and(|ns| is_harness_netns(ns, scope.cluster.as_deref()))
                 || dirs.iter().any(|d| m == d || m.starts_with(&format!("{d}/")))
         })
         .collect();

@@ -42,7 +42,7 @@ pub struct ReadyInfo {
 /// The leftovers scope of one cluster.
 pub fn scope(state_root: &Path, name: &str) -> Scope {
     Scope {
-        netns_prefix: layout::netns_prefix(name),
+        cluster: Some(name.to_owned()),
         state_dirs: vec![layout::state_dir(state_root, name)],
     }
 }
@@ -59,7 +59,7 @@ pub fn scope_all(state_root: &Path) -> Scope {
         })
         .unwrap_or_default();
     Scope {
-        netns_prefix: PREFIX.to_owned(),
+        cluster: None,
         state_dirs,
     }
 }
@@ -354,15 +354,18 @@ pub fn down(state_root: &Path, name: &str) -> Result<Leftovers> {
 pub fn down_all(state_root: &Path) -> Result<Leftovers> {
     require_root()?;
     let scope = scope_all(state_root);
+    let mut removed = Leftovers::default();
     for dir in &scope.state_dirs {
         if let Some(name) = dir
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_prefix(&format!("{PREFIX}cluster-")))
             && layout::validate_name(name).is_ok()
+            && let Ok(one) = down(state_root, name)
         {
-            let _ = down(state_root, name);
+            removed.merge(one);
         }
     }
-    cleanup::remove(&scope)
+    removed.merge(cleanup::remove(&scope)?);
+    Ok(removed)
 }

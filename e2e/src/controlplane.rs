@@ -154,8 +154,8 @@ impl ControlPlane {
         let etcd = Process::spawn("etcd", &command(layout, bin_dir, "etcd", etcd_args(layout)), &log)?;
         let addr: SocketAddr = ([127, 0, 0, 1], 2379).into();
         let ns = layout.cp_netns();
-        let etcd = self.etcd.insert(etcd);
-        wait_until("etcd /health", Duration::from_secs(60), Some(etcd), || async {
+        self.etcd = Some(etcd);
+        wait_until("etcd /health", Duration::from_secs(60), Some(self), || async {
             matches!(probe::http_get(&ns, addr, "/health", Duration::from_secs(2)).await, Ok((200, body)) if body.contains("true"))
         })
         .await
@@ -204,11 +204,6 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// The API server process, to notice if it exits while waiting for it.
-    pub fn apiserver(&mut self) -> Option<&mut Process> {
-        self.apiserver.as_mut()
-    }
-
     /// The first component that has exited, with its exit status.
     pub fn exited(&self) -> Option<String> {
         [
@@ -241,11 +236,11 @@ impl ControlPlane {
     }
 }
 
-/// Polls `check` every 250 ms until it holds, failing early when `process` exits.
+/// Polls `check` every 250 ms until it holds, failing early when a component of `control_plane` exits.
 pub async fn wait_until<F, Fut>(
     what: &str,
     timeout: Duration,
-    process: Option<&mut Process>,
+    control_plane: Option<&ControlPlane>,
     check: F,
 ) -> Result<()>
 where
@@ -253,16 +248,14 @@ where
     Fut: std::future::Future<Output = bool>,
 {
     let start = Instant::now();
-    let mut process = process;
     loop {
         if check().await {
             tracing::info!(elapsed_ms = start.elapsed().as_millis() as u64, "{what} ready");
             return Ok(());
         }
-        if let Some(status) = process.as_deref_mut().and_then(|p| p.exit_status()) {
+        if let Some(exited) = control_plane.and_then(ControlPlane::exited) {
             return Err(Error::Failed(format!(
-                "waiting for {what}: the process exited ({}); see its log",
-                process::describe_exit(status)
+                "waiting for {what}: {exited}; see its log"
             )));
         }
         if start.elapsed() > timeout {

@@ -7,7 +7,7 @@
 //!
 //! | what | IPv4 | IPv6 |
 //! |---|---|---|
-//! | node network (shared bridge) | 172.31.0.0/24: control plane .2, node *i* .(10+*i*) | fd00:172:31::/64, same host parts |
+//! | node network (shared bridge) | 172.31.0.0/24: gateway .1, control plane .2, node *i* .(10+*i*) | fd00:172:31::/64, same host parts |
 //! | pod CIDR of node *i* | 10.244.*i*.0/24 (gateway .1 on the node's `cbr0`) | fd00:10:244:*i*::/64 |
 //! | Services | 10.96.0.0/16 (`kubernetes` is 10.96.0.1) | fd00:10:96::/112 |
 
@@ -203,6 +203,16 @@ impl Layout {
     pub fn pod_netns(&self, pod_uid: &str) -> String {
         format!("{}pod-{}", self.netns_prefix(), short_uid(pod_uid))
     }
+    /// The node network's gateway (on `br0` in the bridge namespace, which does not forward): nodes have a
+    /// default route like real ones, so host-network clients can reach Service IPs, and traffic to
+    /// anywhere else ends there.
+    pub fn gateway_ips(&self) -> Vec<IpAddr> {
+        let mut ips = vec![IpAddr::V4(node_net_v4(1))];
+        if self.dual_stack {
+            ips.push(IpAddr::V6(node_net_v6(1)));
+        }
+        ips
+    }
     /// Control-plane addresses (IPv4 first).
     pub fn cp_ips(&self) -> Vec<IpAddr> {
         let mut ips = vec![IpAddr::V4(node_net_v4(2))];
@@ -268,6 +278,27 @@ impl Layout {
     pub fn pods_dir(&self) -> PathBuf {
         self.state_dir.join("pods")
     }
+}
+
+/// Whether `ns` is a namespace this harness creates — `swyd-<cluster>-` followed by `net`, `cp`,
+/// `node-<n>` or `pod-<11 hex digits>` — of `cluster`, or of any cluster when `None`. Other namespaces
+/// that merely share the prefix (other tools use `swyd-` too) are never touched.
+pub fn is_harness_netns(ns: &str, cluster: Option<&str>) -> bool {
+    let Some((name, suffix)) = ns.strip_prefix(PREFIX).and_then(|rest| rest.split_once('-')) else {
+        return false;
+    };
+    if validate_name(name).is_err() || cluster.is_some_and(|c| c != name) {
+        return false;
+    }
+    let all = |s: &str, f: fn(&char) -> bool| !s.is_empty() && s.chars().all(|c| f(&c));
+    suffix == "net"
+        || suffix == "cp"
+        || suffix
+            .strip_prefix("node-")
+            .is_some_and(|n| all(n, char::is_ascii_digit))
+        || suffix
+            .strip_prefix("pod-")
+            .is_some_and(|u| u.len() == 11 && all(u, char::is_ascii_hexdigit))
 }
 
 /// `swyd-<name>-`.
@@ -379,6 +410,31 @@ mod tests {
         assert_eq!(layout.state_dir, Path::new("/tmp/swyd-cluster-dev"));
         assert_eq!(layout.cp_netns(), "swyd-dev-cp");
         assert_eq!(layout.apiserver_addr().to_string(), "172.31.0.2:6443");
+    }
+
+    #[test]
+    fn only_namespaces_of_the_harness_shape_are_ours() {
+        let layout = Layout::new("dev", Path::new("/tmp"), 2, true);
+        for ns in [
+            layout.bridge_netns(),
+            layout.cp_netns(),
+            layout.nodes[1].netns.clone(),
+            layout.pod_netns("3f2a1b2c-9d8e"),
+        ] {
+            assert!(is_harness_netns(&ns, Some("dev")), "{ns}");
+            assert!(is_harness_netns(&ns, None), "{ns}");
+            assert!(!is_harness_netns(&ns, Some("other")), "{ns}");
+        }
+        for foreign in [
+            "swyd-bench-0",
+            "swyd-dev-client",
+            "swyd-dev-node-",
+            "swyd-dev-pod-xyz",
+            "swyd-Dev-cp",
+            "other-dev-cp",
+        ] {
+            assert!(!is_harness_netns(foreign, None), "{foreign}");
+        }
     }
 
     #[test]

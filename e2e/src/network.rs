@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::error::Result;
-use crate::layout::{Layout, NodeLayout, pod_veth};
+use crate::layout::{Layout, NodeLayout, is_harness_netns, pod_veth};
 use crate::netns;
 
 /// Prefix length of the node network in each family.
@@ -24,15 +24,21 @@ fn addr_add(ip: &IpAddr, prefix: u8, dev: &str) -> String {
     }
 }
 
+/// `br0` with the node network's gateway addresses (forwarding stays off in this namespace).
+fn bridge_commands(layout: &Layout) -> Vec<String> {
+    let mut cmds = vec!["link add br0 type bridge".to_owned()];
+    for ip in layout.gateway_ips() {
+        cmds.push(addr_add(&ip, node_prefix(&ip), "br0"));
+    }
+    cmds.push("link set br0 up".into());
+    cmds
+}
+
 /// Creates the bridge, control-plane and node namespaces and wires them up.
 pub async fn create(layout: &Layout) -> Result<()> {
     let bridge = layout.bridge_netns();
     netns::add(&bridge).await?;
-    netns::ip_batch(
-        &bridge,
-        &["link add br0 type bridge".into(), "link set br0 up".into()],
-    )
-    .await?;
+    netns::ip_batch(&bridge, &bridge_commands(layout)).await?;
     let ipv6_quiet = [
         ("net.ipv6.conf.all.accept_dad", "0"),
         ("net.ipv6.conf.default.accept_dad", "0"),
@@ -110,6 +116,9 @@ async fn create_node(layout: &Layout, node: &NodeLayout) -> Result<()> {
     }
     cmds.push("link set cbr0 up".into());
     cmds.extend(pod_routes(layout, Some(node.index)));
+    for gw in layout.gateway_ips() {
+        cmds.push(format!("route add default via {gw}"));
+    }
     netns::ip_batch(&node.netns, &cmds).await
 }
 
@@ -152,7 +161,10 @@ pub fn detach_pod(pod_ns: &str) -> Result<()> {
 /// Deletes every namespace of the cluster (pods, nodes, control plane, bridge).
 pub fn delete(layout: &Layout) -> Result<()> {
     let mut first_error = None;
-    for ns in netns::list(&layout.netns_prefix()) {
+    let ours = netns::list(&layout.netns_prefix())
+        .into_iter()
+        .filter(|ns| is_harness_netns(ns, Some(&layout.name)));
+    for ns in ours {
         if let Err(e) = netns::delete_sync(&ns) {
             tracing::warn!(netns = ns, error = %e, "deleting namespace");
             first_error.get_or_insert(e);

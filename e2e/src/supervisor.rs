@@ -76,6 +76,9 @@ pub async fn run(state_dir: &Path) -> Result<()> {
             tracing::error!(error = %e, "bringing the cluster up failed");
             let _ = std::fs::write(layout.failed_file(), e.to_string());
             running.teardown(&layout).await;
+            if spec.owner_pid.is_some_and(|owner| !cleanup::alive(owner)) {
+                cleanup::remove(&scope(&spec.state_root, &spec.name))?;
+            }
             return Err(e);
         }
     };
@@ -182,11 +185,6 @@ async fn bring_up(
     running
         .control_plane
         .start_apiserver(layout, &spec.upstream_bin, &pki)?;
-    // The controller manager and the scheduler wait for the API server themselves; starting them now
-    // overlaps their few seconds of start-up with the API server's.
-    running
-        .control_plane
-        .start_controllers(layout, &spec.upstream_bin, &pki, &cm_kc, &sched_kc)?;
     running.forwarder = Some(forward::serve(
         listener,
         layout.cp_netns(),
@@ -203,11 +201,15 @@ async fn bring_up(
     wait_until(
         "kube-apiserver /readyz",
         Duration::from_secs(120),
-        running.control_plane.apiserver(),
+        Some(&running.control_plane),
         readyz,
     )
     .await?;
     step("kube-apiserver ready");
+    // Only now: the controller manager exits at start if the API server's bootstrap RBAC is not there yet.
+    running
+        .control_plane
+        .start_controllers(layout, &spec.upstream_bin, &pki, &cm_kc, &sched_kc)?;
 
     let spec_arc = Arc::new(spec.clone());
     for n in &layout.nodes {
@@ -229,7 +231,7 @@ async fn bring_up(
     wait_until(
         "every node Ready and schedulable",
         Duration::from_secs(120),
-        None,
+        Some(&running.control_plane),
         || async {
             let Ok(list) = nodes_api.list(&Default::default()).await else {
                 return false;
@@ -242,7 +244,7 @@ async fn bring_up(
     wait_until(
         "the default ServiceAccount",
         Duration::from_secs(60),
-        None,
+        Some(&running.control_plane),
         || async { matches!(sa.get_opt("default").await, Ok(Some(_))) },
     )
     .await?;

@@ -41,6 +41,10 @@ pub enum Error {
     /// The finalizer machinery failed.
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// Agents are still removing their rules: the finalizer must stay. Not a failure; never leaves
+    /// `reconcile`.
+    #[error("waiting for agents to remove their rules")]
+    CleanupPending,
 }
 
 impl Error {
@@ -49,6 +53,7 @@ impl Error {
         match self {
             Self::Kube { action, .. } => action,
             Self::Finalizer(_) => "finalizer",
+            Self::CleanupPending => "cleanup_pending",
         }
     }
 }
@@ -278,7 +283,8 @@ async fn cleanup(pc: Arc<ProxyConfig>, ctx: &Context) -> Result<Action, Error> {
             now: now(),
         });
         write_status(&pc, status, ctx).await?;
-        return Ok(Action::requeue(Duration::from_secs(3)));
+        // An Ok from the cleanup closure makes kube's finalizer() remove the finalizer right away.
+        return Err(Error::CleanupPending);
     }
     if !pending.is_empty() {
         tracing::warn!(proxyconfig = %name, pending = ?pending, "cleanup timed out; deleting the agents anyway");
@@ -290,7 +296,16 @@ async fn cleanup(pc: Arc<ProxyConfig>, ctx: &Context) -> Result<Action, Error> {
     let _ = config_maps.delete(&agent_name(&name), &dp).await;
     let api = Api::<ProxyNode>::all(ctx.client.clone());
     for node in proxy_nodes {
-        let _ = api.delete(&node.name_any(), &dp).await;
+        match api.delete(&node.name_any(), &dp).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                return Err(Error::Kube {
+                    action: "delete_proxynode",
+                    source: e,
+                });
+            }
+        }
     }
     Ok(Action::await_change())
 }
@@ -306,12 +321,18 @@ pub async fn reconcile(pc: Arc<ProxyConfig>, ctx: Arc<Context>) -> Result<Action
             Finalizer::Cleanup(pc) => cleanup(pc, &ctx).await,
         }
     })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    });
+    .await;
+    let result = match result {
+        Ok(action) => Ok(action),
+        Err(kube::runtime::finalizer::Error::CleanupFailed(Error::CleanupPending)) => {
+            Ok(Action::requeue(Duration::from_secs(3)))
+        }
+        Err(
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e),
+        ) => Err(e),
+        Err(other) => Err(Error::Finalizer(other.to_string())),
+    };
     ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
     result
 }
@@ -345,6 +366,10 @@ pub async fn run(ctx: Arc<Context>) {
     controller
         .owns(
             Api::<DaemonSet>::namespaced(client.clone(), &ctx.settings.namespace),
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=switchyard-operator"),
+        )
+        .owns(
+            Api::<ConfigMap>::namespaced(client.clone(), &ctx.settings.namespace),
             watcher::Config::default().labels("app.kubernetes.io/managed-by=switchyard-operator"),
         )
         .watches(

@@ -62,11 +62,9 @@ fn created(pc: &ProxyConfig) -> (i64, String) {
 /// For each node, the ProxyConfig that keeps it: the oldest one selecting it (by creation time, then
 /// name), so adding a ProxyConfig never takes nodes away from a running one.
 pub fn node_owners(configs: &[&ProxyConfig], nodes: &[&Node]) -> BTreeMap<String, String> {
-    let mut ordered: Vec<&ProxyConfig> = configs
-        .iter()
-        .copied()
-        .filter(|pc| pc.metadata.deletion_timestamp.is_none())
-        .collect();
+    // A ProxyConfig being deleted keeps its nodes until it is gone: its agents are still removing
+    // their rules, and a node never runs two agents.
+    let mut ordered: Vec<&ProxyConfig> = configs.to_vec();
     ordered.sort_by_key(|pc| created(pc));
     let mut owners = BTreeMap::new();
     for node in nodes {
@@ -162,12 +160,17 @@ pub fn roll_up(o: &Observed<'_>) -> ProxyConfigStatus {
 
     let mut updated = 0;
     let mut ready = 0;
+    // Agents serving traffic, on any configuration (during a rollout the old ones still serve).
+    let mut serving = 0;
     let mut degraded = 0;
     let mut durations: Vec<i64> = vec![];
     for node in &o.proxy_nodes {
         let status = node.status.clone().unwrap_or_default();
         let is_updated = hash.is_some() && status.applied_config_hash.as_ref() == hash;
         let node_ready = condition_status(node, "Ready");
+        if node_ready.is_some_and(|(r, _)| r) {
+            serving += 1;
+        }
         if is_updated {
             updated += 1;
             if node_ready.is_some_and(|(r, _)| r) {
@@ -207,17 +210,17 @@ pub fn roll_up(o: &Observed<'_>) -> ProxyConfigStatus {
 
     let (available, available_reason, available_msg) = if desired == 0 {
         (true, reason::NO_NODES_SELECTED, "no node is selected".to_owned())
-    } else if ready >= desired {
+    } else if serving >= desired {
         (
             true,
             reason::ALL_NODES_READY,
-            format!("{ready}/{desired} nodes ready"),
+            format!("{serving}/{desired} nodes ready"),
         )
-    } else if ready > 0 {
+    } else if serving > 0 {
         (
             true,
             reason::SOME_NODES_READY,
-            format!("{ready}/{desired} nodes ready"),
+            format!("{serving}/{desired} nodes ready"),
         )
     } else {
         (false, reason::NO_NODES_READY, format!("0/{desired} nodes ready"))

@@ -684,7 +684,14 @@ impl PodRun {
         let initialized = self.containers.iter().filter(|c| c.init).all(Ctr::exited_ok);
         let all_ready = initialized && apps.iter().all(|c| self.container_ready(c));
         let all_done = apps.iter().all(|c| matches!(c.state, State::Terminated { .. }));
-        let phase = if all_done && !apps.is_empty() {
+        let init_failed = self.containers.iter().any(|c| {
+            c.init
+                && c.restart_at.is_none()
+                && matches!(c.state, State::Terminated { exit_code, .. } if exit_code != 0)
+        });
+        let phase = if init_failed {
+            "Failed"
+        } else if all_done && !apps.is_empty() {
             if apps.iter().all(|c| c.exited_ok()) {
                 "Succeeded"
             } else {

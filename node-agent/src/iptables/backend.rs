@@ -103,8 +103,12 @@ impl<E: Iptables> IptablesBackend<E> {
             // Nothing changed for this family: the kernel already holds these rules.
             return Ok((chains.len(), false));
         }
-        // A full sync learns what is really in the kernel, so leftovers of an earlier run are deleted.
-        let previous = if full {
+        // A full sync trusts its own record of our chains while the canary shows nobody flushed the
+        // tables; otherwise (first sync, restart, flush) it reads them from the kernel, so leftovers are
+        // deleted, and re-creates the jump rules. Reading a large table is as slow as writing it.
+        let trusted =
+            full && slot.chains.is_some() && self.exec.canary_present(family, CANARY_CHAIN).unwrap_or(false);
+        let previous = if full && !trusted {
             Some(self.kernel_chains(family).map_err(to_error)?)
         } else {
             slot.chains.clone()
@@ -118,13 +122,14 @@ impl<E: Iptables> IptablesBackend<E> {
         let buffer = std::mem::take(&mut self.families[index(family)].buffer);
         let rendered = render::render_into(&input, previous.as_ref(), changed.as_ref(), buffer);
         tracing::trace!(%family, rules = %rendered.restore, "applying");
-        let applied = self.exec.restore(family, &rendered.restore).and_then(|()| {
-            if full {
-                self.exec.ensure_jumps(family, &jump_rules()).map(|_| ())
-            } else {
-                Ok(())
-            }
-        });
+        // Jumps go first, while the tables are small (listing a chain reads its whole table); they point at
+        // our chains, which exist (possibly empty) until the restore fills them.
+        let applied = if full && !trusted {
+            self.exec.ensure_jumps(family, &jump_rules()).map(|_| ())
+        } else {
+            Ok(())
+        }
+        .and_then(|()| self.exec.restore(family, &rendered.restore));
         let slot = &mut self.families[index(family)];
         match applied {
             Ok(()) => {
@@ -166,10 +171,9 @@ impl<E: Iptables> Backend for IptablesBackend<E> {
     }
 
     fn needs_full_sync(&mut self) -> bool {
-        IpFamily::ALL.into_iter().any(|family| {
-            let synced = self.families[index(family)].chains.is_some();
-            synced && !self.exec.canary_present(family, CANARY_CHAIN).unwrap_or(false)
-        })
+        // The canary is checked by the periodic full syncs (every syncPeriod), as upstream checks its own
+        // periodically: checking it before every sync would read the whole table each time.
+        false
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
