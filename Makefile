@@ -93,12 +93,7 @@ bench-sync:
 	BENCH_IPTABLES=nft BENCH_SIZES=1000 cargo bench --locked -p switchyard-agent --bench full_sync
 
 demo:
-	@echo "The demo is not built yet. Once the local cluster and the Helm chart land, 'make demo' will:"
-	@echo "  1. start a real Kubernetes control plane and three simulated nodes in network namespaces,"
-	@echo "  2. install Switchyard with helm and apply examples/proxyconfig-iptables.yaml,"
-	@echo "  3. deploy echo pods behind a Service and show requests from a client pod spread over them,"
-	@echo "  4. print 'kubectl get proxyconfig,proxynodes'."
-	@echo "Today you can run the tests: make test"
+	E2E_CLUSTER=$(E2E_CLUSTER) E2E_NODES=$(E2E_NODES) e2e/demo.sh
 
 # ---------------------------------------------------------------------------------------------------------
 # Local cluster for the e2e tests and the demo (issue 4; see e2e/README.md): a real control plane built from

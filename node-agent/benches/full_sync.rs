@@ -121,9 +121,9 @@ fn main() {
     };
 
     println!(
-        "| services | endpoints | rules | restore alone (median) | agent full sync (median) | ratio | agent partial sync (median) |"
+        "| services | endpoints | rules | restore alone | agent first sync | agent full resync | resync / restore | agent partial sync |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
         let (services, slices) = objects(n);
         let (model, _) = build(services.iter(), slices.iter(), &node, None);
