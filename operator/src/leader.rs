@@ -126,15 +126,28 @@ pub async fn hold(client: &Client, settings: &LeaseSettings) {
     }
 }
 
-/// Gives the Lease up at shutdown (deletes it if we hold it), so a successor starts at once and an
-/// uninstall leaves nothing behind.
+/// Gives the Lease up at shutdown by clearing its holder, so a successor takes over at once. The Lease
+/// itself belongs to the Helm release (deleted by `helm uninstall`).
 pub async fn release(client: &Client, settings: &LeaseSettings) {
     let api = Api::<Lease>::namespaced(client.clone(), &settings.namespace);
-    if let Ok(Some(lease)) = api.get_opt(&settings.name).await
-        && lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(settings.identity.as_str())
-    {
-        let _ = api.delete(&settings.name, &Default::default()).await;
-        tracing::info!(lease = %settings.name, "released the leader Lease");
+    let lease = match api.get_opt(&settings.name).await {
+        Ok(Some(lease)) => lease,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the leader Lease to release it");
+            return;
+        }
+    };
+    let mut lease = lease;
+    let Some(spec) = lease.spec.as_mut() else { return };
+    if spec.holder_identity.as_deref() != Some(settings.identity.as_str()) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    match api.replace(&settings.name, &PostParams::default(), &lease).await {
+        Ok(_) => tracing::info!(lease = %settings.name, "released the leader Lease"),
+        Err(error) => tracing::warn!(lease = %settings.name, %error, "cannot release the leader Lease"),
     }
 }
 
