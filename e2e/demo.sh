@@ -12,7 +12,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 CACHE=${CACHE:-$HOME/.cache/switchyard}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
-export PATH=$HOME/.cargo/bin:/usr/local/go/bin:$PATH
+# kubectl and helm come from the upstream build (e2e/upstream/build.sh), not from the host.
+export PATH=$CACHE/bin:$HOME/.cargo/bin:/usr/local/go/bin:$PATH
 CLUSTER=${E2E_CLUSTER:-dev}
 NODES=${E2E_NODES:-3}
 REQUESTS=${DEMO_REQUESTS:-30}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the pinned upstream components used by Switchyard's e2e tests and
 # benchmarks (kube-apiserver, kube-controller-manager, kube-scheduler,
-# kube-proxy, etcd, helm) into ${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/bin.
+# kube-proxy, kubectl, etcd, helm) into ${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/bin.
 #
 # The build is skipped when the stamp file in that folder records the same hash
 # of the pins and sources (go.mod, go.sum, the main packages, this script and
@@ -33,6 +33,7 @@ targets=(
   "kube-scheduler:.:./cmd/kube-scheduler"
   "kube-controller-manager:.:./cmd/kube-controller-manager"
   "kube-apiserver:.:./cmd/kube-apiserver"
+  "kubectl:.:./cmd/kubectl"
   "helm:helm:."
 )
 
