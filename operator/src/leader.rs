@@ -114,7 +114,19 @@ pub async fn hold(client: &Client, settings: &LeaseSettings) {
         match try_acquire(&api, settings).await {
             Ok(true) => last_renewed = std::time::Instant::now(),
             Ok(false) => {
-                tracing::error!("lost the leader Lease");
+                // A write conflict (another writer touched the Lease between our read and write) is not a
+                // loss while we are still its holder: try again at the next renewal.
+                let holder = api
+                    .get_opt(&settings.name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|l| l.spec?.holder_identity);
+                if holder.as_deref() == Some(settings.identity.as_str()) {
+                    tracing::debug!("leader Lease renewal conflicted; still the holder");
+                    continue;
+                }
+                tracing::error!(holder = ?holder, "lost the leader Lease");
                 return;
             }
             Err(error) => tracing::warn!(%error, "cannot renew the leader Lease"),
