@@ -66,7 +66,7 @@ pub struct AgentConfig {
     pub masquerade_bit: u8,
     /// Where NodePorts answer.
     pub node_port_addresses: NodePortAddresses,
-    /// Longest time between full resyncs.
+    /// Interval of the lost-rules check, and the longest retry backoff.
     pub sync_period: Duration,
     /// Shortest time between syncs.
     pub min_sync_period: Duration,

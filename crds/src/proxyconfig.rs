@@ -99,7 +99,9 @@ pub struct ProxyConfigSpec {
         "x-kubernetes-validations": [{"rule": "self == 'primary' || isCIDR(self)", "message": "must be a CIDR or the word primary"}]}))]
     pub node_port_addresses: Vec<String>,
 
-    /// Longest time between two full resyncs of the rules, as a duration (`30s`, `1m`). Default 30s.
+    /// How often, while nothing changes, the agent checks that its rules are still in the kernel (a full
+    /// resync follows when they are not; otherwise everything is rewritten once an hour, as upstream
+    /// does), and the longest retry interval after a failure. A duration (`30s`, `1m`). Default 30s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "duration(self) > duration('0s')", "message": "must be a positive duration"}]))]

@@ -1,8 +1,10 @@
 //! The sync loop: turns the watched objects into a model, hands it to the dataplane backend, then cleans
 //! stale conntrack entries, updates health-check servers, metrics and health.
 //!
-//! Bursts of changes are coalesced (at most one sync per minSyncPeriod), a full resync runs every
-//! syncPeriod, and a failed sync is retried with exponential backoff as a full sync. A failed apply
+//! Bursts of changes are coalesced (at most one sync per minSyncPeriod); while nothing changes the
+//! agent checks every syncPeriod that its rules are still in the kernel (a full sync when they are not)
+//! and rewrites everything once an hour; a failed sync is retried with exponential backoff as a full
+//! sync. A failed apply
 //! leaves the previous rules in place (the backend applies atomically).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,11 +46,11 @@ pub struct BackendError {
 pub trait Backend: Send {
     /// The mode this backend programs.
     fn mode(&self) -> ProxyMode;
-    /// Programs `model`. `full` asks for a complete rewrite (first sync, periodic resync, after a failure).
+    /// Programs `model`. `full` asks for a complete rewrite (first sync, hourly resync, lost rules, after a failure).
     fn sync(&mut self, model: &Model, node: &NodeInfo, full: bool) -> Result<SyncStats, BackendError>;
-    /// Whether the kernel lost our rules since the last sync (for example a flushed table), so the next
-    /// sync must be full.
-    fn needs_full_sync(&mut self) -> bool;
+    /// Whether the rules of the last sync are still in the kernel (nobody flushed a table). Checked every
+    /// syncPeriod while nothing changes; `false` makes the next sync full.
+    fn rules_intact(&mut self) -> bool;
     /// Removes everything this backend ever programmed. Safe to run twice.
     fn cleanup(&mut self) -> Result<(), BackendError>;
 }
@@ -162,8 +164,24 @@ impl Proxier {
     }
 
     /// Whether the next sync must be full.
-    pub fn needs_full_sync(&mut self) -> bool {
-        self.previous.is_none() || self.force_full || self.backend.needs_full_sync()
+    pub fn needs_full_sync(&self) -> bool {
+        self.previous.is_none() || self.force_full
+    }
+
+    /// The periodic check while nothing changes: whether the kernel still holds our last rules. When it
+    /// does, the agent counts as freshly synced (for /healthz); when it does not, the next sync is full.
+    pub fn check_rules(&mut self) -> bool {
+        if self.previous.is_none() || self.force_full {
+            return false;
+        }
+        if tokio::task::block_in_place(|| self.backend.rules_intact()) {
+            self.health.synced(SystemTime::now());
+            true
+        } else {
+            tracing::warn!("our rules are gone from the kernel (flushed by someone else?): full resync");
+            self.force_full = true;
+            false
+        }
     }
 
     /// Builds the model from the objects and programs it.
@@ -344,6 +362,10 @@ pub fn health_check_targets(model: &Model) -> BTreeMap<u16, HealthCheckTarget> {
     out
 }
 
+/// Longest time between two full syncs while the rules stay intact (upstream's FullSyncPeriod): a full
+/// sync rewrites every table, which takes seconds at 10k services, so it is not done every syncPeriod.
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+
 /// Drives syncs until the task is dropped, reporting each outcome through `writer` (the node's ProxyNode)
 /// when there is one.
 pub async fn run(
@@ -362,6 +384,7 @@ pub async fn run(
     let max_backoff = sync_period.max(Duration::from_secs(1));
 
     let mut next_full = tokio::time::Instant::now();
+    let mut next_check = next_full + sync_period;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut backoff = Duration::from_secs(1);
     let mut last_start: Option<tokio::time::Instant> = None;
@@ -375,10 +398,20 @@ pub async fn run(
 
     loop {
         if !first {
-            let deadline = retry_at.map_or(next_full, |r| r.min(next_full));
-            tokio::select! {
-                () = changes.changed() => {}
-                () = tokio::time::sleep_until(deadline) => {}
+            let deadline = retry_at.map_or(next_full, |r| r.min(next_full)).min(next_check);
+            let woken_by_change = tokio::select! {
+                () = changes.changed() => true,
+                () = tokio::time::sleep_until(deadline) => false,
+            };
+            let now = tokio::time::Instant::now();
+            let due = now >= next_full || retry_at.is_some_and(|r| now >= r);
+            if !woken_by_change && !due {
+                // The periodic check: nothing changed, so only verify that our rules are still there (as
+                // upstream's canary monitor does) instead of rewriting every table each syncPeriod.
+                next_check = now + sync_period;
+                if proxier.check_rules() {
+                    continue;
+                }
             }
         }
         first = false;
@@ -417,8 +450,9 @@ pub async fn run(
                     "synced rules"
                 );
                 if outcome.stats.full {
-                    next_full = now + sync_period;
+                    next_full = now + FULL_SYNC_PERIOD;
                 }
+                next_check = now + sync_period;
                 let rules: usize = outcome.stats.rules.values().sum();
                 report.last_sync = Some((k8s_openapi::jiff::Timestamp::now().as_second(), outcome.duration));
                 report.counts = (outcome.services as i64, outcome.endpoints as i64, rules as i64);

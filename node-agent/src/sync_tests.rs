@@ -12,6 +12,7 @@ use crate::conntrack::{ConntrackError, FlowFilter};
 struct Recorder {
     calls: Mutex<Vec<(usize, bool)>>,
     fail_next: Mutex<bool>,
+    rules_lost: Mutex<bool>,
 }
 
 struct RecordingBackend(Arc<Recorder>);
@@ -33,8 +34,8 @@ impl Backend for RecordingBackend {
             full,
         })
     }
-    fn needs_full_sync(&mut self) -> bool {
-        false
+    fn rules_intact(&mut self) -> bool {
+        !std::mem::take(&mut *self.0.rules_lost.lock().unwrap())
     }
     fn cleanup(&mut self) -> Result<(), BackendError> {
         Ok(())
@@ -150,6 +151,27 @@ async fn failed_sync_counts_a_restore_failure_and_forces_a_full_retry() {
         text.contains("switchyard_sync_failures_total{category=\"restore_failed\"} 1"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_periodic_check_keeps_partial_syncs_until_the_rules_are_lost() {
+    let mut f = fixture();
+    let services = [service("dns", "10.96.0.10", "UDP")];
+    assert!(!f.proxier.check_rules(), "nothing to check before the first sync");
+    f.proxier.sync(&services, &[], None, false).await.unwrap();
+    assert!(f.proxier.check_rules(), "rules intact");
+    assert!(!f.proxier.needs_full_sync());
+    f.proxier.sync(&services, &[], None, false).await.unwrap();
+    *f.recorder.rules_lost.lock().unwrap() = true;
+    assert!(!f.proxier.check_rules(), "the canary is gone");
+    assert!(f.proxier.needs_full_sync(), "lost rules make the next sync full");
+    f.proxier.sync(&services, &[], None, false).await.unwrap();
+    assert_eq!(
+        *f.recorder.calls.lock().unwrap(),
+        [(1, true), (1, false), (1, true)],
+        "first sync full, then partial, then full after the loss"
+    );
+    assert!(f.proxier.check_rules());
 }
 
 #[tokio::test(flavor = "multi_thread")]

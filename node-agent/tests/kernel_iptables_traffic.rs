@@ -1489,3 +1489,41 @@ async fn failed_apply_keeps_the_previous_rules_working_and_the_next_good_sync_ap
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rules_flushed_by_someone_else_are_noticed_by_the_periodic_check_and_restored() {
+    if !support::require_root("rules_flushed_by_someone_else_are_noticed_by_the_periodic_check_and_restored")
+    {
+        return;
+    }
+    let c = Cluster::new("flushed", 2, 0).unwrap();
+    let _servers = serve_everywhere(&c);
+    let eps = [local(&c, 0), local(&c, 1)];
+    let services = [service("web", 10, Kind::ClusterIp, json!({}))];
+    let mut agent = Agent::new(&c.node, config(json!({})));
+    agent.sync(&services, &slices("web", &eps)).await;
+    assert!(agent.proxier.check_rules(), "rules in place after the sync");
+    assert!(!agent.proxier.needs_full_sync());
+    let target = cluster_addr(10, IpFamily::V4, Proto::Tcp);
+    ask(&c.pods[0].ns, Proto::Tcp, target);
+
+    // Someone flushes and deletes every nat chain in this (test-only) namespace.
+    let bin = Tools::standard(Backend::Nft, IpFamily::V4).iptables;
+    let bin = bin.to_string_lossy();
+    c.node.run(&[&bin, "-t", "nat", "-F"]).unwrap();
+    c.node.run(&[&bin, "-t", "nat", "-X"]).unwrap();
+    assert!(
+        request(&c.pods[0].ns, Proto::Tcp, target, ANSWER).is_err(),
+        "the ClusterIP stops answering without its nat rules"
+    );
+    assert!(!agent.proxier.check_rules(), "the canary is gone");
+    assert!(agent.proxier.needs_full_sync());
+    let outcome = agent.sync(&services, &slices("web", &eps)).await;
+    assert!(outcome.stats.full, "the sync after a lost canary is full");
+    assert_eq!(
+        spread(&c.pods[0].ns, Proto::Tcp, target, &names_of(&eps)),
+        names_of(&eps),
+        "the ClusterIP answers again from every endpoint"
+    );
+    assert!(agent.proxier.check_rules());
+}

@@ -170,10 +170,12 @@ impl<E: Iptables> Backend for IptablesBackend<E> {
         Ok(stats)
     }
 
-    fn needs_full_sync(&mut self) -> bool {
-        // The canary is checked by the periodic full syncs (every syncPeriod), as upstream checks its own
-        // periodically: checking it before every sync would read the whole table each time.
-        false
+    fn rules_intact(&mut self) -> bool {
+        // Reads each table once per family we programmed (every syncPeriod while nothing changes).
+        IpFamily::ALL.into_iter().all(|family| {
+            self.families[index(family)].chains.is_none()
+                || self.exec.canary_present(family, CANARY_CHAIN).unwrap_or(false)
+        })
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
