@@ -13,12 +13,13 @@ CARGO_DENY_VERSION := 0.20.2
 # Debian packages the agent and its tests need (the kernel tools it drives and the test network tools).
 APT_PACKAGES := iptables nftables ipset conntrack iproute2 user-mode-linux procps iputils-ping socat lua5.1
 
-.PHONY: help setup setup-apt setup-rust test fmt-check clippy unit crds crds-check deny demo upstream chart-test bench-micro bench-sync
+.PHONY: help setup setup-apt setup-rust test fmt-check clippy unit crds crds-check deny demo upstream chart-test bench-micro bench-sync bench bench-quick
 
 help:
 	@echo "make demo   - run the demo (see README.md)"
 	@echo "make test   - install what the tests need, then run every check CI runs"
 	@echo "make crds   - regenerate crds/*.yaml from the API types"
+	@echo "make bench  - Switchyard and upstream kube-proxy side by side at 10 to 10,000 services (~40 min, root)"
 
 setup: setup-apt setup-rust
 
@@ -36,7 +37,7 @@ setup-rust:
 	  CARGO_TARGET_DIR=$(CACHE)/tools-target cargo install cargo-deny --version $(CARGO_DENY_VERSION) --locked --quiet; \
 	fi
 
-test: setup setup-e2e fmt-check clippy crds-check unit chart-test e2e-test deny
+test: setup setup-e2e fmt-check clippy crds-check unit chart-test e2e-test bench-quick deny
 
 fmt-check:
 	cargo fmt --all --check
@@ -125,3 +126,17 @@ cluster-status: e2e-build
 # SWITCHYARD_REQUIRE_PRIVILEGED=1: a test that cannot run (not root) fails instead of skipping.
 e2e-test: setup-e2e
 	SWITCHYARD_REQUIRE_PRIVILEGED=1 cargo test --locked -p switchyard-e2e
+
+# Switchyard's agent (release build) and upstream kube-proxy side by side on a local cluster of their own
+# (root; about 40 minutes on 2 cores). Writes docs/bench/results.{json,md} and docs/bench/plot.svg.
+BENCH_ARGS ?=
+bench: setup-e2e e2e-build
+	cargo build --quiet --locked --release -p switchyard-agent
+	$(E2E_BIN) bench --agent-bin $(CARGO_TARGET_DIR)/release/switchyard-agent --out docs/bench $(BENCH_ARGS)
+
+# The same harness at small sizes, run by CI to keep it working (figures go outside the clone; --strict fails
+# the run when a change is never seen through the VIP or a figure is missing).
+bench-quick: setup-e2e e2e-build
+	cargo build --quiet --locked -p switchyard-agent
+	$(E2E_BIN) bench --cluster benchq --sizes 10,300 --changes 20 --connects 200 --strict \
+	  --agent-bin $(CARGO_TARGET_DIR)/debug/switchyard-agent --out $(CARGO_TARGET_DIR)/bench-quick

@@ -78,6 +78,8 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Switchyard's agent and upstream kube-proxy side by side on a local cluster (docs/benchmarks.md).
+    Bench(crate::bench::BenchArgs),
     /// Test tool run as a pod: report the in-cluster identity and some files over HTTP.
     InspectPod {
         /// Address to serve on.
@@ -183,6 +185,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::PodExec { .. } => Ok(()),
         Command::InspectPod { listen, files } => Ok(tools::inspect_pod(listen, files).await?),
+        Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 

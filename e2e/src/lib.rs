@@ -7,6 +7,7 @@
 //! them, and the state folder `<root>/swyd-cluster-<cluster>`. It never changes the host's own network
 //! namespace or mounts (containers get private mount namespaces).
 
+pub mod bench;
 pub mod cleanup;
 pub mod cli;
 pub mod cluster;

@@ -335,8 +335,31 @@ async fn lease_holder(client: &Client) -> Option<String> {
         .and_then(|s| s.holder_identity)
 }
 
+/// The Lease and the operator pods' logs, for a failure message.
+fn leader_diagnostics(cluster: &Cluster, lease: Option<&Lease>) -> String {
+    let mut out = format!(
+        "Lease: {}\n",
+        serde_json::to_string_pretty(&lease).unwrap_or_default()
+    );
+    let dir = cluster.layout().logs_dir().join("pods");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&format!("{SYSTEM_NS}_")) || !name.contains("operator") {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        out.push_str(&format!("--- {name} (last 30 lines)\n{tail}\n"));
+    }
+    out
+}
+
 /// Waits until the Lease is held by one of `candidates` and stays with it for a few renewals; returns it.
-async fn stable_leader(client: &Client, candidates: &BTreeSet<String>) -> String {
+async fn stable_leader(cluster: &Cluster, client: &Client, candidates: &BTreeSet<String>) -> String {
     let holder = eventually(
         &format!("the Lease {LEASE} held by one of {candidates:?}"),
         READY_TIMEOUT,
@@ -344,13 +367,18 @@ async fn stable_leader(client: &Client, candidates: &BTreeSet<String>) -> String
     )
     .await
     .unwrap();
+    let leases = Api::<Lease>::namespaced(client.clone(), SYSTEM_NS);
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = lease_holder(client).await;
+        let lease = leases.get_opt(LEASE).await.unwrap();
+        let now = lease
+            .as_ref()
+            .and_then(|l| l.spec.as_ref()?.holder_identity.clone());
         assert_eq!(
             now.as_deref(),
             Some(holder.as_str()),
-            "the Lease changed hands with every replica running"
+            "the Lease changed hands with every replica running\n{}",
+            leader_diagnostics(cluster, lease.as_ref())
         );
     }
     holder
@@ -699,7 +727,7 @@ async fn a_restarted_operator_and_two_replicas_converge_to_the_same_state() {
     .await
     .unwrap();
     let new_name = new.metadata.name.clone().unwrap();
-    stable_leader(&client, &BTreeSet::from([new_name.clone()])).await;
+    stable_leader(&cluster, &client, &BTreeSet::from([new_name.clone()])).await;
     // Give the new leader time to reconcile (it would roll or touch what it disagrees with).
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = proxyconfig_ready(&client, "default", &all_ready()).await;
@@ -720,7 +748,7 @@ async fn a_restarted_operator_and_two_replicas_converge_to_the_same_state() {
     // Two replicas: exactly one holds the Lease; a spec change still converges.
     let pods = operator_replicas(&cluster, 2).await;
     let names = pod_names(&pods);
-    let leader = stable_leader(&client, &names).await;
+    let leader = stable_leader(&cluster, &client, &names).await;
     let hash_2s = change_converges(&client, json!({"minSyncPeriod": "2s"}), &hash).await;
 
     // The leader killed: the standby takes over, and a further change converges.
