@@ -19,23 +19,25 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{BIN, MANAGER, apply, echo_pod, ready_pod, ready_pods};
+use common::chart::{
+    self, RELEASE, SYSTEM_NS, condition, example_proxyconfig, helm, installed, kerr, node_names,
+    proxyconfigs, proxynodes,
+};
+use common::{MANAGER, apply, echo_pod, ready_pod, ready_pods};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
-use serde_json::{Value, json};
-use switchyard_api::{ProxyConfig, ProxyNode};
+use serde_json::json;
 use switchyard_e2e::echo::{EchoReply, tcp_request, udp_request};
-use switchyard_e2e::testing::{self, SharedCluster, TestNamespace, eventually};
+use switchyard_e2e::testing::{SharedCluster, TestNamespace, eventually};
 use switchyard_e2e::{Cluster, Error};
 use tokio::sync::{Mutex, OnceCell};
 
@@ -44,157 +46,18 @@ static CLUSTER: SharedCluster = SharedCluster::new();
 static SERIAL: Mutex<()> = Mutex::const_new(());
 static BUILT: OnceCell<()> = OnceCell::const_new();
 
-const RELEASE: &str = "switchyard";
-const SYSTEM_NS: &str = "switchyard-system";
 const NODES: usize = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn kerr(e: kube::Error) -> Error {
-    Error::Failed(e.to_string())
-}
-
-/// The cluster, with the agent and operator the simulated nodes run built first (unless
-/// `SWITCHYARD_AGENT_BIN`/`SWITCHYARD_OPERATOR_BIN` name prebuilt ones).
-async fn cluster() -> Arc<Cluster> {
-    BUILT
-        .get_or_init(|| async {
-            let spec = testing::spec("e2eswyd", NODES as u8, BIN).unwrap();
-            if std::env::var_os("SWITCHYARD_AGENT_BIN").is_some()
-                && std::env::var_os("SWITCHYARD_OPERATOR_BIN").is_some()
-            {
-                return;
-            }
-            // The harness runs $CARGO_TARGET_DIR/debug/switchyard-{agent,operator}: build exactly those.
-            let target = spec.agent_bin.parent().unwrap().parent().unwrap().to_owned();
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--quiet", "--locked", "-p", "switchyard-agent"])
-                .args(["-p", "switchyard-operator"])
-                .env("CARGO_TARGET_DIR", &target)
-                .current_dir(repo_root())
-                .status()
-                .expect("running cargo build");
-            assert!(status.success(), "cargo build of the agent and operator failed");
-        })
-        .await;
-    CLUSTER
-        .get(|| testing::spec("e2eswyd", NODES as u8, BIN))
-        .await
-        .unwrap()
-}
-
-fn helm_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("SWITCHYARD_HELM") {
-        return path.into();
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    let cache = std::env::var_os("SWITCHYARD_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(home).join(".cache/switchyard"));
-    cache.join("bin/helm")
-}
-
-/// Runs helm against the cluster; returns (success, stdout + stderr).
-async fn helm(cluster: &Cluster, args: &[&str]) -> (bool, String) {
-    let mut command = tokio::process::Command::new(helm_bin());
-    command
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig())
-        .args(args)
-        .current_dir(repo_root());
-    let out = command
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("running {}: {e}", helm_bin().display()));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// Installs the chart (unless the release is there) and waits for the operator; the API server address
-/// is the control plane's node-network address, as `apiServer.host` would be on a real cluster.
-async fn installed(cluster: &Cluster) {
-    if helm(cluster, &["status", RELEASE, "-n", SYSTEM_NS]).await.0 {
-        return;
-    }
-    let host = format!("apiServer.host={}", cluster.layout().cp_ips()[0]);
-    let (ok, out) = helm(
-        cluster,
-        &[
-            "install",
-            RELEASE,
-            "charts/switchyard",
-            "-n",
-            SYSTEM_NS,
-            "--create-namespace",
-            "--set",
-            &host,
-            "--set",
-            "apiServer.port=6443",
-            "--wait",
-            "--timeout",
-            "3m",
-        ],
-    )
-    .await;
-    assert!(ok, "helm install failed:\n{out}");
-    assert!(
-        out.contains("kubectl get proxyconfig"),
-        "the release notes tell what to run next:\n{out}"
-    );
-    let pods = Api::<Pod>::namespaced(cluster.client().await.unwrap(), SYSTEM_NS);
-    ready_pods(&pods, "app.kubernetes.io/component=operator", 1).await;
-}
-
-fn proxyconfigs(client: Client) -> Api<DynamicObject> {
-    Api::all_with(client, &ApiResource::erase::<ProxyConfig>(&()))
-}
-
-fn proxynodes(client: Client) -> Api<DynamicObject> {
-    Api::all_with(client, &ApiResource::erase::<ProxyNode>(&()))
-}
-
-/// The example ProxyConfig of the README, as JSON.
-fn example_proxyconfig() -> Value {
-    let text = std::fs::read_to_string(repo_root().join("examples/proxyconfig-iptables.yaml")).unwrap();
-    serde_saphyr::from_str(&text).unwrap()
-}
-
-fn condition<'a>(object: &'a DynamicObject, type_: &str) -> Option<&'a Value> {
-    object.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
 /// Waits until the ProxyConfig has acted on its last change and reports `ready` and Ready=True.
 async fn proxyconfig_ready(client: &Client, name: &str, ready: &str) -> DynamicObject {
-    let api = proxyconfigs(client.clone());
-    eventually(
-        &format!("ProxyConfig {name} Ready {ready}"),
-        READY_TIMEOUT,
-        || async {
-            let Some(pc) = api.get_opt(name).await.map_err(kerr)? else {
-                return Ok(None);
-            };
-            let status = &pc.data["status"];
-            let current = status["observedGeneration"].as_i64() == pc.metadata.generation;
-            let ok = current
-                && status["ready"] == ready
-                && condition(&pc, "Ready").is_some_and(|c| c["status"] == "True");
-            Ok(ok.then_some(pc))
-        },
-    )
-    .await
-    .unwrap()
+    chart::proxyconfig_ready(client, name, ready, READY_TIMEOUT).await
+}
+
+/// The cluster of this file's tests.
+async fn cluster() -> Arc<Cluster> {
+    chart::cluster(&CLUSTER, &BUILT, "e2eswyd", NODES as u8).await
 }
 
 /// Applies the example ProxyConfig (named `default`) and waits until it is Ready on every node.
@@ -261,10 +124,6 @@ fn swyd_rules(cluster: &Cluster, node: &str) -> Vec<String> {
         );
     }
     lines
-}
-
-fn node_names(cluster: &Cluster) -> Vec<String> {
-    cluster.layout().nodes.iter().map(|n| n.name.clone()).collect()
 }
 
 fn node_ip(cluster: &Cluster, node: &str) -> IpAddr {

@@ -18,22 +18,23 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BIN, MANAGER, apply, echo_pod, ready_pod, ready_pods, running_and_ready};
+use common::chart::{
+    self, OPERATOR_SELECTOR, RELEASE, SYSTEM_NS, condition, example_proxyconfig, helm, installed, kerr,
+    node_names, proxyconfigs, proxynodes,
+};
+use common::{MANAGER, apply, echo_pod, ready_pod, ready_pods, running_and_ready};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use switchyard_api::{ProxyConfig, ProxyNode};
 use switchyard_e2e::echo::tcp_request;
-use switchyard_e2e::testing::{self, SharedCluster, TestNamespace, eventually};
+use switchyard_e2e::testing::{SharedCluster, TestNamespace, eventually};
 use switchyard_e2e::{Cluster, Error};
 use tokio::sync::{Mutex, OnceCell};
 
@@ -43,111 +44,22 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 static BUILT: OnceCell<()> = OnceCell::const_new();
 
 const CLUSTER_NAME: &str = "e2eroll";
-const RELEASE: &str = "switchyard";
-const SYSTEM_NS: &str = "switchyard-system";
 const NODES: usize = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(300);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const OPERATOR_SELECTOR: &str = "app.kubernetes.io/component=operator";
 const LEASE: &str = "switchyard-operator";
 /// Label of the node pool of scenario 4.
 const POOL_LABEL: &str = "switchyard.dev/e2e-pool";
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+/// Waits until the ProxyConfig has acted on its last change and reports `ready` and Ready=True.
+async fn proxyconfig_ready(client: &Client, name: &str, ready: &str) -> DynamicObject {
+    chart::proxyconfig_ready(client, name, ready, READY_TIMEOUT).await
 }
 
-fn kerr(e: kube::Error) -> Error {
-    Error::Failed(e.to_string())
-}
-
-/// The cluster, with the agent and operator the simulated nodes run built first (unless
-/// `SWITCHYARD_AGENT_BIN`/`SWITCHYARD_OPERATOR_BIN` name prebuilt ones).
+/// The cluster of this file's tests.
 async fn cluster() -> Arc<Cluster> {
-    BUILT
-        .get_or_init(|| async {
-            let spec = testing::spec(CLUSTER_NAME, NODES as u8, BIN).unwrap();
-            if std::env::var_os("SWITCHYARD_AGENT_BIN").is_some()
-                && std::env::var_os("SWITCHYARD_OPERATOR_BIN").is_some()
-            {
-                return;
-            }
-            let target = spec.agent_bin.parent().unwrap().parent().unwrap().to_owned();
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--quiet", "--locked", "-p", "switchyard-agent"])
-                .args(["-p", "switchyard-operator"])
-                .env("CARGO_TARGET_DIR", &target)
-                .current_dir(repo_root())
-                .status()
-                .expect("running cargo build");
-            assert!(status.success(), "cargo build of the agent and operator failed");
-        })
-        .await;
-    CLUSTER
-        .get(|| testing::spec(CLUSTER_NAME, NODES as u8, BIN))
-        .await
-        .unwrap()
-}
-
-fn helm_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("SWITCHYARD_HELM") {
-        return path.into();
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    let cache = std::env::var_os("SWITCHYARD_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(home).join(".cache/switchyard"));
-    cache.join("bin/helm")
-}
-
-/// Runs helm against the cluster; returns (success, stdout + stderr).
-async fn helm(cluster: &Cluster, args: &[&str]) -> (bool, String) {
-    let out = tokio::process::Command::new(helm_bin())
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig())
-        .args(args)
-        .current_dir(repo_root())
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("running {}: {e}", helm_bin().display()));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// Installs the chart (unless the release is there) and waits for the operator.
-async fn installed(cluster: &Cluster) {
-    if helm(cluster, &["status", RELEASE, "-n", SYSTEM_NS]).await.0 {
-        return;
-    }
-    let host = format!("apiServer.host={}", cluster.layout().cp_ips()[0]);
-    let (ok, out) = helm(
-        cluster,
-        &[
-            "install",
-            RELEASE,
-            "charts/switchyard",
-            "-n",
-            SYSTEM_NS,
-            "--create-namespace",
-            "--set",
-            &host,
-            "--set",
-            "apiServer.port=6443",
-            "--wait",
-            "--timeout",
-            "3m",
-        ],
-    )
-    .await;
-    assert!(ok, "helm install failed:\n{out}");
-    let pods = Api::<Pod>::namespaced(cluster.client().await.unwrap(), SYSTEM_NS);
-    ready_pods(&pods, OPERATOR_SELECTOR, 1).await;
+    chart::cluster(&CLUSTER, &BUILT, CLUSTER_NAME, NODES as u8).await
 }
 
 /// `helm upgrade --reuse-values --set operator.replicas=<n>`, then waits for that many ready operators.
@@ -187,57 +99,11 @@ async fn operator_replicas(cluster: &Cluster, replicas: usize) -> Vec<Pod> {
     .unwrap()
 }
 
-fn proxyconfigs(client: Client) -> Api<DynamicObject> {
-    Api::all_with(client, &ApiResource::erase::<ProxyConfig>(&()))
-}
-
-fn proxynodes(client: Client) -> Api<DynamicObject> {
-    Api::all_with(client, &ApiResource::erase::<ProxyNode>(&()))
-}
-
-/// The example ProxyConfig of the README, as JSON.
-fn example_proxyconfig() -> Value {
-    let text = std::fs::read_to_string(repo_root().join("examples/proxyconfig-iptables.yaml")).unwrap();
-    serde_saphyr::from_str(&text).unwrap()
-}
-
-fn condition<'a>(object: &'a DynamicObject, type_: &str) -> Option<&'a Value> {
-    object.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
 fn hash_of(pc: &DynamicObject) -> String {
     pc.data["status"]["effectiveConfigHash"]
         .as_str()
         .unwrap_or_default()
         .to_owned()
-}
-
-/// Whether the ProxyConfig has acted on its last change and reports `ready` and Ready=True.
-fn is_ready(pc: &DynamicObject, ready: &str) -> bool {
-    let status = &pc.data["status"];
-    status["observedGeneration"].as_i64() == pc.metadata.generation
-        && status["ready"] == ready
-        && condition(pc, "Ready").is_some_and(|c| c["status"] == "True")
-}
-
-/// Waits until the ProxyConfig has acted on its last change and reports `ready` and Ready=True.
-async fn proxyconfig_ready(client: &Client, name: &str, ready: &str) -> DynamicObject {
-    let api = proxyconfigs(client.clone());
-    eventually(
-        &format!("ProxyConfig {name} Ready {ready}"),
-        READY_TIMEOUT,
-        || async {
-            let Some(pc) = api.get_opt(name).await.map_err(kerr)? else {
-                return Ok(None);
-            };
-            Ok(is_ready(&pc, ready).then_some(pc))
-        },
-    )
-    .await
-    .unwrap()
 }
 
 fn all_ready() -> String {
@@ -320,10 +186,6 @@ async fn applied_hashes(client: &Client) -> BTreeMap<String, String> {
             (n.metadata.name.unwrap(), hash)
         })
         .collect()
-}
-
-fn node_names(cluster: &Cluster) -> Vec<String> {
-    cluster.layout().nodes.iter().map(|n| n.name.clone()).collect()
 }
 
 async fn lease_holder(client: &Client) -> Option<String> {
@@ -488,7 +350,10 @@ async fn a_spec_change_rolls_the_agents_one_at_a_time_and_a_client_sees_no_failu
             worst = format!("{unavailable:?}");
         }
         let pc = api.get("default").await.unwrap();
-        if pc.metadata.generation == generation && is_ready(&pc, &all_ready()) && hash_of(&pc) != old_hash {
+        if pc.metadata.generation == generation
+            && chart::is_ready(&pc, &all_ready())
+            && hash_of(&pc) != old_hash
+        {
             break pc;
         }
         assert!(

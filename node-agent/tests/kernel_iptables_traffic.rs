@@ -1527,3 +1527,55 @@ async fn rules_flushed_by_someone_else_are_noticed_by_the_periodic_check_and_res
     );
     assert!(agent.proxier.check_rules());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crossing_the_large_cluster_threshold_rewrites_every_endpoint_rule() {
+    if !support::require_root("crossing_the_large_cluster_threshold_rewrites_every_endpoint_rule") {
+        return;
+    }
+    let c = Cluster::new("large", 2, 0).unwrap();
+    let _servers = serve_everywhere(&c);
+    let eps = [local(&c, 0), local(&c, 1)];
+    let mut services = vec![service("web", 10, Kind::ClusterIp, json!({}))];
+    let mut all_slices = slices("web", &eps);
+    let mut agent = Agent::new(&c.node, config(json!({})));
+    agent.sync(&services, &all_slices).await;
+    let with_comments = |save: &str| {
+        save.lines()
+            .filter(|l| l.starts_with("-A SWYD-SEP-"))
+            .all(|l| l.contains("--comment"))
+    };
+    assert!(with_comments(&save(&c.node, IpFamily::V4, Table::Nat)));
+
+    // 60 more services of 20 IPv4 endpoints each (addresses nothing answers on): past 1,000 endpoints.
+    for n in 0..60u8 {
+        let name = format!("bulk{n}");
+        services.push(service(&name, 100 + n, Kind::ClusterIp, json!({})));
+        let endpoints = (0..20u8)
+            .map(|i| endpoint_json(&format!("10.99.{n}.{}", i + 1), "other-node"))
+            .collect();
+        all_slices.push(slice_named(&name, &format!("{name}-v4"), IpFamily::V4, endpoints));
+    }
+    agent.sync(&services, &all_slices).await;
+    let save_v4 = save(&c.node, IpFamily::V4, Table::Nat);
+    assert!(
+        save_v4
+            .lines()
+            .filter(|l| l.starts_with("-A SWYD-SEP-"))
+            .all(|l| !l.contains("--comment")),
+        "no endpoint rule keeps its comment"
+    );
+    let target = cluster_addr(10, IpFamily::V4, Proto::Tcp);
+    assert_eq!(
+        spread(&c.pods[0].ns, Proto::Tcp, target, &names_of(&eps)),
+        names_of(&eps)
+    );
+
+    // And back under the threshold.
+    agent.sync(&services[..1], &all_slices[..2]).await;
+    assert!(with_comments(&save(&c.node, IpFamily::V4, Table::Nat)));
+    assert_eq!(
+        spread(&c.pods[0].ns, Proto::Tcp, target, &names_of(&eps)),
+        names_of(&eps)
+    );
+}

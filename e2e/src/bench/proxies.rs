@@ -131,7 +131,7 @@ impl Setup {
         let config = match self.kind {
             Kind::Switchyard => format!(
                 "apiVersion: switchyard.dev/v1alpha1\nkind: ProxyConfig\nmetadata:\n  name: bench\nspec:\n  \
-                 mode: iptables\n  clusterCIDRs: [\"{cidr}\"]\n  syncPeriod: 30s\n  minSyncPeriod: {min}\n  \
+                 mode: iptables\n  clusterCIDRs: [\"{cidr}\"]\n  syncPeriod: 10s\n  minSyncPeriod: {min}\n  \
                  metricsBindAddress: 127.0.0.1:10249\n  healthzBindAddress: 127.0.0.1:10256\n  \
                  conntrack:\n    maxPerCore: 0\n    tcpEstablishedTimeout: 0s\n    tcpCloseWaitTimeout: 0s\n",
                 cidr = self.cluster_cidr,
@@ -140,7 +140,7 @@ impl Setup {
             Kind::KubeProxy => format!(
                 "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
                  clientConnection:\n  kubeconfig: {kc}\nhostnameOverride: {node}\nmode: iptables\n\
-                 clusterCIDR: {cidr}\niptables:\n  syncPeriod: 30s\n  minSyncPeriod: {min}\n\
+                 clusterCIDR: {cidr}\niptables:\n  syncPeriod: 10s\n  minSyncPeriod: {min}\n\
                  metricsBindAddress: 127.0.0.1:10249\nhealthzBindAddress: 127.0.0.1:10256\n\
                  conntrack:\n  maxPerCore: 0\n  tcpEstablishedTimeout: 0s\n  tcpCloseWaitTimeout: 0s\n",
                 kc = self.kubeconfig.display(),
@@ -257,6 +257,56 @@ impl Setup {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Deletes the proxy's canary chains (empty chains it keeps to notice a flush), as a flush of its
+    /// tables would: both proxies check them every syncPeriod and answer with a full resync.
+    pub async fn delete_canary(&self) -> anyhow::Result<()> {
+        let (chain, tables): (&str, &[&str]) = match self.kind {
+            Kind::Switchyard => ("SWYD-PROXY-CANARY", &["nat", "filter"]),
+            Kind::KubeProxy => ("KUBE-PROXY-CANARY", &["mangle", "nat", "filter"]),
+        };
+        for table in tables {
+            let out = tokio::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.netns,
+                    self.flavor.multi(),
+                    "iptables",
+                    "-w",
+                    "-t",
+                    table,
+                ])
+                .args(["-X", chain])
+                .env("XTABLES_LOCKFILE", self.lock_file())
+                .output()
+                .await
+                .context("running iptables -X")?;
+            if !out.status.success() {
+                bail!(
+                    "deleting {chain} from {table}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The proxy's full-sync histogram.
+    pub async fn full_syncs(&self) -> anyhow::Result<Series> {
+        let (_, text) = crate::probe::http_get(
+            &self.netns,
+            self.metrics_addr(),
+            "/metrics",
+            Duration::from_secs(10),
+        )
+        .await
+        .with_context(|| format!("{} metrics", self.kind.label()))?;
+        Ok(histogram(
+            &text,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+        ))
+    }
+
     /// Address of the proxy's metrics inside its node.
     pub fn metrics_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 10249))
@@ -311,26 +361,38 @@ pub fn proxy_pid(running: &Running) -> u32 {
     running.process.pid()
 }
 
-/// Mean duration of one observation of a histogram, from Prometheus text: the mean of each label set
-/// (kube-proxy labels its syncs by IP family, one sync per family; Switchyard syncs both families at
-/// once), added up over label sets. Also the number of observations.
-pub fn histogram(text: &str, name: &str) -> (f64, f64) {
-    let mut per_labels: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+/// A histogram's `(sum, count)` per label set (`le` aside), from Prometheus text.
+pub type Series = BTreeMap<String, (f64, f64)>;
+
+/// Reads the `<name>_sum` and `<name>_count` lines of a histogram.
+pub fn histogram(text: &str, name: &str) -> Series {
+    let mut per_labels = Series::new();
+    let (sum_name, count_name) = (format!("{name}_sum"), format!("{name}_count"));
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((key, value)) = line.rsplit_once(' ') else {
             continue;
         };
         let (metric, labels) = key.split_once('{').unwrap_or((key, ""));
         let value: f64 = value.parse().unwrap_or(0.0);
-        let entry = per_labels.entry(labels.to_owned()).or_default();
-        if metric == format!("{name}_sum") {
-            entry.0 += value;
-        } else if metric == format!("{name}_count") {
-            entry.1 += value;
+        if metric == sum_name {
+            per_labels.entry(labels.to_owned()).or_default().0 += value;
+        } else if metric == count_name {
+            per_labels.entry(labels.to_owned()).or_default().1 += value;
         }
     }
     per_labels
-        .values()
+}
+
+/// Mean duration of one sync of every IP family observed between `before` and `after`: the mean of each
+/// label set that got new observations, added up (kube-proxy labels its syncs by IP family, one sync per
+/// family; Switchyard syncs both families at once). Also the number of new observations.
+pub fn mean_since(before: &Series, after: &Series) -> (f64, f64) {
+    after
+        .iter()
+        .map(|(labels, (sum, count))| {
+            let (s0, c0) = before.get(labels).copied().unwrap_or_default();
+            (sum - s0, count - c0)
+        })
         .filter(|(_, count)| *count > 0.0)
         .fold((0.0, 0.0), |(mean, total), (sum, count)| {
             (mean + sum / count, total + count)
@@ -394,19 +456,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_adds_the_mean_of_each_label_set() {
+    fn histogram_means_add_up_over_label_sets_that_changed() {
         let name = "kubeproxy_sync_full_proxy_rules_duration_seconds";
-        let text = format!(
-            "# HELP x\n{name}_sum{{ip_family=\"IPv4\"}} 3\n{name}_count{{ip_family=\"IPv4\"}} 2\n\
-             {name}_sum{{ip_family=\"IPv6\"}} 0.5\n{name}_count{{ip_family=\"IPv6\"}} 2\n\
-             {name}_bucket{{ip_family=\"IPv6\",le=\"1\"}} 2\n"
-        );
-        assert_eq!(histogram(&text, name), (1.75, 4.0));
-        assert_eq!(
-            histogram(&format!("{name}_sum 2\n{name}_count 4\n"), name),
-            (0.5, 4.0)
-        );
-        assert_eq!(histogram("", name), (0.0, 0.0));
+        let text = |v4: (f64, u32), v6: (f64, u32)| {
+            format!(
+                "# HELP x\n{name}_sum{{ip_family=\"IPv4\"}} {}\n{name}_count{{ip_family=\"IPv4\"}} {}\n\
+                 {name}_sum{{ip_family=\"IPv6\"}} {}\n{name}_count{{ip_family=\"IPv6\"}} {}\n\
+                 {name}_bucket{{ip_family=\"IPv6\",le=\"1\"}} 2\n",
+                v4.0, v4.1, v6.0, v6.1
+            )
+        };
+        let start = histogram(&text((3.0, 2), (0.5, 2)), name);
+        assert_eq!(mean_since(&Series::new(), &start), (1.75, 4.0));
+        let later = histogram(&text((7.0, 3), (0.5, 2)), name);
+        assert_eq!(mean_since(&start, &later), (4.0, 1.0), "only IPv4 synced again");
+        let ours = histogram(&format!("{name}_sum 2\n{name}_count 4\n"), name);
+        assert_eq!(mean_since(&Series::new(), &ours), (0.5, 4.0));
+        assert!(histogram("", name).is_empty());
     }
 
     #[test]

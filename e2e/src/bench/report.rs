@@ -56,10 +56,13 @@ impl Summary {
 pub struct ProxyFigures {
     /// Process start to the complete rule set in the kernel, seconds.
     pub cold_start_s: f64,
-    /// Full syncs the proxy reported (its `kubeproxy_sync_full_proxy_rules_duration_seconds`).
+    /// Full syncs the proxy reported after its cold start (its
+    /// `kubeproxy_sync_full_proxy_rules_duration_seconds`; kube-proxy counts one per IP family).
     pub full_syncs: u64,
-    /// Mean duration of a full sync of both IP families (kube-proxy reports one sync per family: their
-    /// means are added), seconds.
+    /// Duration of the first full sync, both proxies starting at once, as each reports it, seconds.
+    pub first_full_sync_s: f64,
+    /// Duration of a full resync with the machine otherwise quiet (after the proxy's canary chains were
+    /// deleted), as the proxy reports it (kube-proxy's families added up), seconds.
     pub full_sync_s: f64,
     /// `iptables-restore --noflush` alone loading this proxy's rules into an empty namespace, seconds.
     pub restore_alone_s: f64,
@@ -162,21 +165,21 @@ pub fn markdown(run: &Run) -> String {
 
     md.push_str("### Cold start and full sync (seconds)\n\n");
     md.push_str(
-        "| services | endpoints | cold start: switchyard | kube-proxy | ratio | full sync: switchyard | kube-proxy | ratio | restore alone (switchyard's rules) | switchyard full sync ÷ restore alone |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| services | endpoints | cold start: switchyard | kube-proxy | ratio | first full sync: switchyard | kube-proxy | ratio | full resync alone: switchyard | kube-proxy | ratio | restore alone: switchyard's rules | kube-proxy's | switchyard resync ÷ its restore |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in &run.points {
         let ours = figures(p, Kind::Switchyard).cloned().unwrap_or_default();
+        let theirs = figures(p, Kind::KubeProxy).cloned().unwrap_or_default();
         let _ = writeln!(
             md,
-            "{}{} {} | {:.2} | {:.2} |",
+            "{}{}{}{} {:.2} | {:.2} | {:.2}× |",
             row_start(p),
             pair(p, &|f| f.cold_start_s, 2),
-            pair(p, &|f| f.full_sync_s, 2)
-                .trim_start_matches('|')
-                .trim_end_matches('|')
-                .trim(),
+            pair(p, &|f| f.first_full_sync_s, 2).trim_start_matches('|'),
+            pair(p, &|f| f.full_sync_s, 2).trim_start_matches('|'),
             ours.restore_alone_s,
+            theirs.restore_alone_s,
             if ours.restore_alone_s > 0.0 {
                 ours.full_sync_s / ours.restore_alone_s
             } else {
@@ -219,7 +222,7 @@ pub fn markdown(run: &Run) -> String {
     for p in &run.points {
         let _ = writeln!(
             md,
-            "{}{} {}",
+            "{}{}{}",
             row_start(p),
             pair(p, &|f| f.usage.peak_rss_mib, 1),
             pair(p, &|f| f.usage.cpu_seconds, 1).trim_start_matches('|'),
@@ -285,14 +288,14 @@ pub fn plot(run: &Run) -> String {
             series: latency,
         },
         Chart {
-            title: "Full sync and cold start".into(),
+            title: "Full resync and cold start".into(),
             x_label: "services (10 endpoints each)".into(),
             y_label: "seconds".into(),
             log_y: true,
             series: {
                 let mut s = series(&|f| f.full_sync_s);
                 for x in &mut s {
-                    x.label = format!("{} full sync", x.label);
+                    x.label = format!("{} full resync", x.label);
                 }
                 for mut x in series(&|f| f.cold_start_s) {
                     x.label = format!("{} cold start", x.label);

@@ -2,6 +2,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod chart;
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;

@@ -92,7 +92,12 @@ impl<E: Iptables> IptablesBackend<E> {
         full: bool,
     ) -> Result<(usize, bool), BackendError> {
         let slot = &self.families[index(family)];
-        let full = full || slot.applied.is_none() || slot.chains.is_none();
+        // Crossing the large-cluster threshold restyles every endpoint rule: only a full sync does that.
+        let restyled = slot
+            .applied
+            .as_ref()
+            .is_some_and(|applied| render::large_cluster(applied) != render::large_cluster(state));
+        let full = full || restyled || slot.applied.is_none() || slot.chains.is_none();
         let changed: Option<BTreeSet<_>> = match (&slot.applied, full) {
             (Some(applied), false) => Some(state.changed_since(applied)),
             _ => None,

@@ -537,6 +537,22 @@ pub fn render(
     render_into(input, previous, changed, String::new())
 }
 
+/// Above this many endpoints (of one family) the per-endpoint rules carry no comment, as upstream's
+/// large-cluster mode does: at 100k endpoints the comments are a third of the text `iptables-restore`
+/// parses and the kernel stores.
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+/// Whether `state` renders in large-cluster mode. A sync that changes this must be full (the partial
+/// sync would leave unchanged chains in the other style).
+pub fn large_cluster(state: &ProxyState) -> bool {
+    state
+        .services
+        .values()
+        .map(|s| s.cluster_endpoints.len())
+        .sum::<usize>()
+        > LARGE_CLUSTER_ENDPOINTS
+}
+
 /// [`render`], writing into `buffer` (cleared first). Pass the `restore` of the previous rendering once
 /// it has been applied: writing 50 MB into fresh memory costs about as much kernel time (page faults)
 /// as rendering it.
@@ -650,6 +666,8 @@ pub fn render_into(
 /// Everything derived from the configuration and node once per rendering.
 struct Ctx<'a> {
     family: IpFamily,
+    /// More endpoints than [`LARGE_CLUSTER_ENDPOINTS`]: per-endpoint rules go without comments.
+    large: bool,
     config: &'a AgentConfig,
     /// `0x4000` for bit 14.
     mark: String,
@@ -667,6 +685,7 @@ impl<'a> Ctx<'a> {
         let mark = 1u32.checked_shl(bit).unwrap_or(1 << 14);
         Self {
             family,
+            large: large_cluster(input.state),
             config: input.config,
             mark: format!("{mark:#x}"),
             detect_local: detect_local(input.config, input.node, family),
@@ -1535,11 +1554,13 @@ fn render_service(ctx: &Ctx<'_>, svc: &ServicePort, write_chains: bool, out: &mu
         let count = endpoints.len();
         for (i, sep) in endpoints.iter().filter_map(|e| sep_of(e)).enumerate() {
             if let Some(line) = sink.rule(chain) {
-                line.s(" -m comment --comment \"")
-                    .s(name)
-                    .s(" -> ")
-                    .s(t(&sep.socket))
-                    .s("\"");
+                if !ctx.large {
+                    line.s(" -m comment --comment \"")
+                        .s(name)
+                        .s(" -> ")
+                        .s(t(&sep.socket))
+                        .s("\"");
+                }
                 if i + 1 < count {
                     line.s(" -m statistic --mode random --probability ")
                         .s(out.probabilities.get(count - i));
@@ -1552,16 +1573,15 @@ fn render_service(ctx: &Ctx<'_>, svc: &ServicePort, write_chains: bool, out: &mu
     for sep in &seps {
         // Hairpin: an endpoint reaching itself through the service must see the node as the source.
         if let Some(line) = sink.rule(t(&sep.chain)) {
-            line.s(" -m comment --comment \"")
-                .s(name)
-                .s("\" -s ")
-                .s(t(&sep.ip))
-                .s(" -j ")
-                .s(MARK_MASQ_CHAIN)
-                .end();
+            if !ctx.large {
+                line.s(" -m comment --comment \"").s(name).s("\"");
+            }
+            line.s(" -s ").s(t(&sep.ip)).s(" -j ").s(MARK_MASQ_CHAIN).end();
         }
         if let Some(line) = sink.rule(t(&sep.chain)) {
-            line.s(" -m comment --comment \"").s(name).s("\"");
+            if !ctx.large {
+                line.s(" -m comment --comment \"").s(name).s("\"");
+            }
             if svc.session_affinity_seconds.is_some() {
                 line.s(" -m recent --name ").s(t(&sep.chain)).s(" --set");
             }
@@ -2051,6 +2071,58 @@ mod tests {
     #[test]
     fn ipv6_packet_flows_follow_upstream_semantics() {
         check_flows(IpFamily::V6, &fixture_v6(), flows_v6(), &LOCAL_V6);
+    }
+
+    /// The IPv4 fixture plus 110 services of 10 endpoints each: past the large-cluster threshold.
+    fn fixture_v4_large() -> ProxyState {
+        let mut large = fixture_v4();
+        for i in 0..110u16 {
+            let name = format!("filler-{i}");
+            let ip = format!("172.31.{}.{}", i / 200, i % 200 + 1);
+            let endpoints = (0..10u16)
+                .map(|j| ep(&format!("10.250.{i}.{}", j + 1), 8080, false))
+                .collect();
+            let port = with_endpoints(svc("fill", &name, "", Protocol::Tcp, &ip, 80), endpoints);
+            large.services.insert(port.name.clone(), port);
+        }
+        large
+    }
+
+    #[test]
+    fn large_cluster_mode_drops_endpoint_comments_and_keeps_every_flow() {
+        assert!(!large_cluster(&fixture_v4()));
+        let large = fixture_v4_large();
+        assert!(large_cluster(&large));
+        let (config, node) = setup(Cfg::Base);
+        let restore = render_full(IpFamily::V4, &large, &config, &node).restore;
+        let sep_rules: Vec<&str> = restore
+            .lines()
+            .filter(|l| l.starts_with("-A SWYD-SEP-"))
+            .collect();
+        assert!(sep_rules.len() > 2000, "{}", sep_rules.len());
+        assert!(
+            sep_rules.iter().all(|l| !l.contains("-m comment")),
+            "{:?}",
+            sep_rules.first()
+        );
+        let jumps: Vec<&str> = restore
+            .lines()
+            .filter(|l| {
+                l.starts_with("-A SWYD-SVC-") && l.contains("-j SWYD-SEP-") && !l.contains("-m recent")
+            })
+            .collect();
+        assert!(
+            jumps.iter().all(|l| !l.contains("-m comment")),
+            "{:?}",
+            jumps.first()
+        );
+        assert!(
+            restore
+                .lines()
+                .any(|l| l.starts_with("-A SWYD-SERVICES") && l.contains("fill/filler-7 cluster IP")),
+            "service rules keep their comments"
+        );
+        check_flows(IpFamily::V4, &large, flows(), &LOCAL_V4);
     }
 
     #[test]
