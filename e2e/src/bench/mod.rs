@@ -404,7 +404,14 @@ async fn measure_size(
             tokio::time::sleep(Duration::from_millis(500)).await;
             let now = setup.full_syncs().await?;
             let (mean, count) = proxies::mean_since(&first_syncs[i], &now);
-            if count > 0.0 {
+            // Done once the family that holds the rules (the largest first sync) has synced again: the
+            // other family's resync alone (kube-proxy's IPv6, milliseconds) is not the figure.
+            let main = proxies::main_series(&first_syncs[i]);
+            let main_synced = main.is_none_or(|labels| {
+                let count_of = |s: &proxies::Series| s.get(&labels).map_or(0.0, |v| v.1);
+                count_of(&now) > count_of(&first_syncs[i])
+            });
+            if count > 0.0 && main_synced {
                 figures[i].full_sync_s = mean;
                 break;
             }
@@ -482,6 +489,12 @@ async fn measure_size(
             figures[i].usage.peak_rss_mib,
             figures[i].usage.cpu_seconds
         );
+    }
+    // Stop both before the next size's objects are written (they would sync all the while).
+    for slot in running.iter_mut() {
+        if let Some(mut r) = slot.take() {
+            r.process.stop(Duration::from_secs(10)).await;
+        }
     }
     let proxies: BTreeMap<String, ProxyFigures> = setups
         .iter()

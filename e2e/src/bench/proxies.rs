@@ -383,6 +383,14 @@ pub fn histogram(text: &str, name: &str) -> Series {
     per_labels
 }
 
+/// The label set with the largest total duration: the IP family that holds the rules.
+pub fn main_series(series: &Series) -> Option<String> {
+    series
+        .iter()
+        .max_by(|a, b| a.1.0.total_cmp(&b.1.0))
+        .map(|(labels, _)| labels.clone())
+}
+
 /// Mean duration of one sync of every IP family observed between `before` and `after`: the mean of each
 /// label set that got new observations, added up (kube-proxy labels its syncs by IP family, one sync per
 /// family; Switchyard syncs both families at once). Also the number of new observations.
@@ -473,6 +481,8 @@ mod tests {
         let ours = histogram(&format!("{name}_sum 2\n{name}_count 4\n"), name);
         assert_eq!(mean_since(&Series::new(), &ours), (0.5, 4.0));
         assert!(histogram("", name).is_empty());
+        assert_eq!(main_series(&start).as_deref(), Some("ip_family=\"IPv4\"}"));
+        assert_eq!(main_series(&Series::new()), None);
     }
 
     #[test]
