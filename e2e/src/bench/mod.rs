@@ -404,8 +404,8 @@ async fn measure_size(
             tokio::time::sleep(Duration::from_millis(500)).await;
             let now = setup.full_syncs().await?;
             let (mean, count) = proxies::mean_since(&first_syncs[i], &now);
-            // Done once the family that holds the rules (the largest first sync) has synced again: the
-            // other family's resync alone (kube-proxy's IPv6, milliseconds) is not the figure.
+            // Done once the IPv4 family (whose canary went) has synced again: kube-proxy's IPv6 resync
+            // alone (milliseconds) is not the figure.
             let main = proxies::main_series(&first_syncs[i]);
             let main_synced = main.is_none_or(|labels| {
                 let count_of = |s: &proxies::Series| s.get(&labels).map_or(0.0, |v| v.1);
