@@ -75,7 +75,9 @@ const COLD_START_LIMIT: Duration = Duration::from_secs(900);
 const CHANGE_LIMIT: Duration = Duration::from_secs(60);
 /// Longest wait for a full resync after the canary is deleted (syncPeriod 10 s plus the sync).
 const RESYNC_LIMIT: Duration = Duration::from_secs(300);
-/// Connect limit of one data-plane sample or probe.
+/// Connect limit of one data-plane sample (a lost SYN is retried after 1 s: counted, not fatal).
+const DATA_PLANE_LIMIT: Duration = Duration::from_secs(5);
+/// Connect limit of one change-latency probe.
 const CONNECT_LIMIT: Duration = Duration::from_millis(500);
 
 /// The echo pods the probe service points at, in turn.
@@ -441,8 +443,11 @@ async fn measure_size(
 
     // Data plane: new connections from each node to the VIP and to a pod IP.
     for (i, setup) in setups.iter().enumerate() {
-        figures[i].connect_vip_us = Summary::of(&connect_times(&setup.netns, vip, args.connects).await?);
-        figures[i].connect_pod_us = Summary::of(&connect_times(&setup.netns, pod_addr, args.connects).await?);
+        let (vip_times, vip_failed) = connect_times(&setup.netns, vip, args.connects).await?;
+        let (pod_times, pod_failed) = connect_times(&setup.netns, pod_addr, args.connects).await?;
+        figures[i].connect_vip_us = Summary::of(&vip_times);
+        figures[i].connect_pod_us = Summary::of(&pod_times);
+        figures[i].connect_failures = vip_failed + pod_failed;
     }
 
     // Change latency, with background churn on the filler services.
@@ -481,6 +486,7 @@ async fn measure_size(
         figures[i].change_latency_ms = Summary::of(&samples[i]);
         let r = running[i].as_ref().context("started")?;
         figures[i].usage = proxies::usage(proxies::proxy_pid(r))?;
+        figures[i].syncs = setup.syncs().await?;
         eprintln!(
             "bench: {size}: {} change p50 {:.0} ms p99 {:.0} ms, peak RSS {:.1} MiB, CPU {:.1} s",
             setup.kind.label(),
@@ -543,17 +549,23 @@ async fn churn_loop(
     }
 }
 
-/// Connect times (µs) of `count` new TCP connections from inside `ns` to `addr`.
-async fn connect_times(ns: &str, addr: SocketAddr, count: usize) -> anyhow::Result<Vec<f64>> {
+/// Connect times (µs) of `count` new TCP connections from inside `ns` to `addr`, and how many attempts
+/// failed (no answer within [`DATA_PLANE_LIMIT`], or refused).
+async fn connect_times(ns: &str, addr: SocketAddr, count: usize) -> anyhow::Result<(Vec<f64>, usize)> {
     let times = crate::netns::in_netns_async(ns, move || {
         let mut out = Vec::with_capacity(count);
+        let mut failed = 0;
         for _ in 0..count {
             let start = Instant::now();
-            let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_LIMIT)?;
-            out.push(start.elapsed().as_secs_f64() * 1e6);
-            drop(stream);
+            match std::net::TcpStream::connect_timeout(&addr, DATA_PLANE_LIMIT) {
+                Ok(stream) => {
+                    out.push(start.elapsed().as_secs_f64() * 1e6);
+                    drop(stream);
+                }
+                Err(_) => failed += 1,
+            }
         }
-        Ok(out)
+        Ok((out, failed))
     })
     .await?;
     Ok(times)

@@ -293,6 +293,22 @@ impl Setup {
 
     /// The proxy's full-sync histogram.
     pub async fn full_syncs(&self) -> anyhow::Result<Series> {
+        self.histogram("kubeproxy_sync_full_proxy_rules_duration_seconds")
+            .await
+    }
+
+    /// Syncs of the IPv4 rules so far (`kubeproxy_sync_proxy_rules_duration_seconds`).
+    pub async fn syncs(&self) -> anyhow::Result<u64> {
+        let series = self
+            .histogram("kubeproxy_sync_proxy_rules_duration_seconds")
+            .await?;
+        let count = main_series(&series)
+            .and_then(|l| series.get(&l))
+            .map_or(0.0, |v| v.1);
+        Ok(count as u64)
+    }
+
+    async fn histogram(&self, name: &str) -> anyhow::Result<Series> {
         let (_, text) = crate::probe::http_get(
             &self.netns,
             self.metrics_addr(),
@@ -301,10 +317,7 @@ impl Setup {
         )
         .await
         .with_context(|| format!("{} metrics", self.kind.label()))?;
-        Ok(histogram(
-            &text,
-            "kubeproxy_sync_full_proxy_rules_duration_seconds",
-        ))
+        Ok(histogram(&text, name))
     }
 
     /// Address of the proxy's metrics inside its node.

@@ -76,8 +76,12 @@ pub struct ProxyFigures {
     pub connect_vip_us: Summary,
     /// TCP connect time to a pod IP from the node, microseconds.
     pub connect_pod_us: Summary,
+    /// Data-plane connections that failed (not in the summaries).
+    pub connect_failures: usize,
     /// Peak RSS and CPU over this size's run.
     pub usage: Usage,
+    /// Syncs of the IPv4 rules over this size's run, as the proxy counts them.
+    pub syncs: u64,
 }
 
 /// One size.
@@ -216,30 +220,32 @@ pub fn markdown(run: &Run) -> String {
 
     md.push_str("\n### Node cost (over each size's run: cold start, measurements, changes)\n\n");
     md.push_str(
-        "| services | endpoints | peak RSS MiB: switchyard | kube-proxy | ratio | CPU s: switchyard | kube-proxy | ratio |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| services | endpoints | peak RSS MiB: switchyard | kube-proxy | ratio | CPU s: switchyard | kube-proxy | ratio | syncs: switchyard | kube-proxy |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in &run.points {
         let _ = writeln!(
             md,
-            "{}{}{}",
+            "{}{}{} {} | {} |",
             row_start(p),
             pair(p, &|f| f.usage.peak_rss_mib, 1),
             pair(p, &|f| f.usage.cpu_seconds, 1).trim_start_matches('|'),
+            figures(p, Kind::Switchyard).map_or(0, |f| f.syncs),
+            figures(p, Kind::KubeProxy).map_or(0, |f| f.syncs),
         );
     }
 
     md.push_str("\n### Data plane (µs per new TCP connection from the node)\n\n");
     md.push_str(
-        "| services | endpoints | to the VIP: switchyard p50 | p99 | kube-proxy p50 | p99 | to a pod IP: switchyard p50 | p99 | kube-proxy p50 | p99 |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| services | endpoints | to the VIP: switchyard p50 | p99 | kube-proxy p50 | p99 | to a pod IP: switchyard p50 | p99 | kube-proxy p50 | p99 | failed (s/k) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in &run.points {
         let ours = figures(p, Kind::Switchyard).cloned().unwrap_or_default();
         let theirs = figures(p, Kind::KubeProxy).cloned().unwrap_or_default();
         let _ = writeln!(
             md,
-            "{}| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "{}| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {}/{} |",
             row_start(p),
             ours.connect_vip_us.p50,
             ours.connect_vip_us.p99,
@@ -249,6 +255,8 @@ pub fn markdown(run: &Run) -> String {
             ours.connect_pod_us.p99,
             theirs.connect_pod_us.p50,
             theirs.connect_pod_us.p99,
+            ours.connect_failures,
+            theirs.connect_failures,
         );
     }
     md
