@@ -19,7 +19,7 @@ help:
 	@echo "make demo   - run the demo (see README.md)"
 	@echo "make test   - install what the tests need, then run every check CI runs"
 	@echo "make crds   - regenerate crds/*.yaml from the API types"
-	@echo "make bench  - Switchyard and upstream kube-proxy side by side at 10 to 10,000 services (~40 min, root)"
+	@echo "make bench  - Switchyard and upstream kube-proxy side by side at 10 to 10,000 services (~25 min, root)"
 
 setup: setup-apt setup-rust
 
@@ -128,7 +128,7 @@ e2e-test: setup-e2e
 	SWITCHYARD_REQUIRE_PRIVILEGED=1 cargo test --locked -p switchyard-e2e
 
 # Switchyard's agent (release build) and upstream kube-proxy side by side on a local cluster of their own
-# (root; about 40 minutes on 2 cores). Writes docs/bench/results.{json,md} and docs/bench/plot.svg.
+# (root; about 25 minutes on 2 cores). Writes docs/bench/results.{json,md} and docs/bench/plot.svg.
 BENCH_ARGS ?=
 bench: setup-e2e e2e-build
 	cargo build --quiet --locked --release -p switchyard-agent
