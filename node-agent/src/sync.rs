@@ -171,7 +171,7 @@ impl Proxier {
     /// The periodic check while nothing changes: whether the kernel still holds our last rules. When it
     /// does, the agent counts as freshly synced (for /healthz); when it does not, the next sync is full.
     pub fn check_rules(&mut self) -> bool {
-        if self.previous.is_none() || self.force_full {
+        if self.needs_full_sync() {
             return false;
         }
         if tokio::task::block_in_place(|| self.backend.rules_intact()) {

@@ -485,7 +485,8 @@ async fn measure_size(
     for (i, setup) in setups.iter().enumerate() {
         figures[i].change_latency_ms = Summary::of(&samples[i]);
         let r = running[i].as_ref().context("started")?;
-        figures[i].usage = proxies::usage(proxies::proxy_pid(r))?;
+        // `ip netns exec` execs the proxy, so the spawned pid is the proxy's own.
+        figures[i].usage = proxies::usage(r.process.pid())?;
         figures[i].syncs = setup.syncs().await?;
         eprintln!(
             "bench: {size}: {} change p50 {:.0} ms p99 {:.0} ms, peak RSS {:.1} MiB, CPU {:.1} s",

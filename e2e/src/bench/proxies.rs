@@ -211,46 +211,42 @@ impl Setup {
         Ok(())
     }
 
-    /// Number of service-port jumps in the nat table's services chain, read from outside the proxy
-    /// (with a lock file of our own, so reading never delays the proxy).
-    pub async fn service_rules(&self) -> anyhow::Result<usize> {
-        let lock = self.dir.join("reader.lock");
-        let out = tokio::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.netns,
-                self.flavor.multi(),
-                "iptables",
-                "-w",
-                "-t",
-                "nat",
-            ])
-            .args(["-S", self.kind.services_chain()])
-            .env("XTABLES_LOCKFILE", &lock)
+    /// Runs `tool` (`iptables`, `iptables-save`) of the chosen flavour inside the node, under `lock`.
+    async fn xtables(&self, tool: &str, args: &[&str], lock: &Path) -> anyhow::Result<std::process::Output> {
+        tokio::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns, self.flavor.multi(), tool])
+            .args(args)
+            .env("XTABLES_LOCKFILE", lock)
             .output()
             .await
-            .context("running iptables -S")?;
+            .with_context(|| format!("running {tool} {}", args.join(" ")))
+    }
+
+    /// The lock file of the bench's own reads (never the node's, so reading never delays the proxy).
+    fn reader_lock(&self) -> PathBuf {
+        self.dir.join("reader.lock")
+    }
+
+    /// Number of service-port jumps in the nat table's services chain, read from outside the proxy.
+    pub async fn service_rules(&self) -> anyhow::Result<usize> {
+        let chain = self.kind.services_chain();
+        let out = self
+            .xtables("iptables", &["-w", "-t", "nat", "-S", chain], &self.reader_lock())
+            .await?;
         if !out.status.success() {
             // The chain does not exist yet.
             return Ok(0);
         }
-        let prefix = format!("-A {} -d ", self.kind.services_chain());
+        let prefix = format!("-A {chain} -d ");
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.starts_with(&prefix))
             .count())
     }
 
-    /// The node's nat and filter tables as `iptables-save` prints them.
+    /// The node's tables as `iptables-save` prints them.
     pub async fn save(&self) -> anyhow::Result<String> {
-        let lock = self.dir.join("reader.lock");
-        let out = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &self.netns, self.flavor.multi(), "iptables-save"])
-            .env("XTABLES_LOCKFILE", &lock)
-            .output()
-            .await
-            .context("running iptables-save")?;
+        let out = self.xtables("iptables-save", &[], &self.reader_lock()).await?;
         if !out.status.success() {
             bail!("iptables-save: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -265,22 +261,9 @@ impl Setup {
             Kind::KubeProxy => ("KUBE-PROXY-CANARY", &["mangle", "nat", "filter"]),
         };
         for table in tables {
-            let out = tokio::process::Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &self.netns,
-                    self.flavor.multi(),
-                    "iptables",
-                    "-w",
-                    "-t",
-                    table,
-                ])
-                .args(["-X", chain])
-                .env("XTABLES_LOCKFILE", self.lock_file())
-                .output()
-                .await
-                .context("running iptables -X")?;
+            let out = self
+                .xtables("iptables", &["-w", "-t", table, "-X", chain], &self.lock_file())
+                .await?;
             if !out.status.success() {
                 bail!(
                     "deleting {chain} from {table}: {}",
@@ -367,11 +350,6 @@ pub fn usage(pid: u32) -> anyhow::Result<Usage> {
         peak_rss_mib: hwm_kib / 1024.0,
         cpu_seconds: (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / clock,
     })
-}
-
-/// The pid of the proxy itself: `ip netns exec` execs it, so the spawned pid is the proxy's.
-pub fn proxy_pid(running: &Running) -> u32 {
-    running.process.pid()
 }
 
 /// A histogram's `(sum, count)` per label set (`le` aside), from Prometheus text.
