@@ -179,16 +179,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     wait_for_crds(&client).await;
     // A standby replica is ready: it serves health and takes over when the leader goes.
     ready.store(true, Ordering::Relaxed);
-    let lease = LeaseSettings {
-        name: "switchyard-operator".into(),
-        namespace: args.namespace.clone(),
-        identity: args.identity.clone(),
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(4),
+    let lease = LeaseSettings::new("switchyard-operator", &args.namespace, &args.identity);
+    let acquired = if args.leader_election {
+        leader::acquire(&client, &lease).await
+    } else {
+        tokio::time::Instant::now()
     };
-    if args.leader_election {
-        leader::acquire(&client, &lease).await;
-    }
     if args.api_server_host.is_empty() {
         tracing::warn!(
             "--api-server-host is empty: agents will rely on the kubernetes Service, which they implement"
@@ -207,10 +203,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
     });
     if args.leader_election {
+        // Renewals run in a task of their own, so a busy reconcile never delays them.
+        let holding = tokio::spawn({
+            let (client, lease) = (client.clone(), lease.clone());
+            async move { leader::hold(&client, &lease, acquired).await }
+        });
         tokio::select! {
             // The controller returns on SIGTERM/SIGINT.
             () = controller::run(ctx) => leader::release(&client, &lease).await,
-            () = leader::hold(&client, &lease) => anyhow::bail!("lost leadership; exiting so a new leader takes over"),
+            _ = holding => anyhow::bail!("lost leadership; exiting so a new leader takes over"),
         }
     } else {
         controller::run(ctx).await;
