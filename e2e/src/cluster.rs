@@ -301,6 +301,8 @@ impl Drop for Cluster {
             if std::thread::panicking() {
                 eprintln!("{}", log_tail(&self.layout, 30));
                 keep_logs(&self.layout);
+            } else if std::env::var_os("SWITCHYARD_E2E_KEEP_LOGS").is_some() {
+                keep_logs(&self.layout);
             }
             if let Err(e) = down(&self.spec.state_root, &self.spec.name) {
                 eprintln!("tearing down cluster {}: {e}", self.spec.name);

@@ -13,8 +13,8 @@ use switchyard_api::{AgentConfig, ProxyConfig, ProxyConfigSpec};
 use crate::conntrack::ConntrackTool;
 use crate::iptables::backend::IptablesBackend;
 use crate::iptables::exec::{Backend as XtablesBackend, IptablesRestore};
+use crate::leftovers::{self, IptablesLeftovers};
 use crate::metrics::Metrics;
-use crate::model::IpFamily;
 use crate::server::{self, Health};
 use crate::sync::{self, Backend, Proxier};
 use crate::watch::{self, Changes};
@@ -205,6 +205,7 @@ async fn run(args: RunArgs, format: LogFormat) -> anyhow::Result<()> {
         .proxy_config
         .clone()
         .map(|pc| crate::status::Writer::new(client.clone(), node_name.clone(), pc));
+    // After a mode switch, the previous mode's objects go once this mode's rules are in place.
     let proxier = Proxier::new(
         backend,
         Arc::new(ConntrackTool::default()),
@@ -212,7 +213,8 @@ async fn run(args: RunArgs, format: LogFormat) -> anyhow::Result<()> {
         health,
         config.clone(),
         node_name,
-    );
+    )
+    .with_leftovers(leftovers::other_modes(config.mode, &config, &[]));
     let syncing = tokio::spawn(sync::run(proxier, stores.clone(), changes, metrics, writer));
 
     let deleted = async {
@@ -233,7 +235,13 @@ async fn run(args: RunArgs, format: LogFormat) -> anyhow::Result<()> {
             syncing.abort();
             let exec = xtables(args.iptables).into_iter().next().context("no iptables implementation")?;
             let mut backend = IptablesBackend::new(exec, config.clone());
-            let cleaned = tokio::task::block_in_place(|| backend.cleanup());
+            let cleaned = tokio::task::block_in_place(|| {
+                backend.cleanup()?;
+                for mut other in leftovers::other_modes(config.mode, &config, &[]) {
+                    other.remove()?;
+                }
+                Ok::<_, crate::sync::BackendError>(())
+            });
             let report = crate::status::Report {
                 mode: Some(config.mode),
                 config_hash: config.hash(),
@@ -269,42 +277,23 @@ async fn shutdown_signal() {
     }
 }
 
-/// Whether any table of `exec`'s implementation exists (`*-save` without `-t` prints only existing ones).
-fn has_tables(exec: &IptablesRestore) -> bool {
-    IpFamily::ALL.into_iter().any(|family| {
-        std::process::Command::new(&exec.tools(family).save)
-            .output()
-            .is_ok_and(|out| {
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .any(|l| l.starts_with('*'))
-            })
-    })
-}
-
 fn cleanup(args: CleanupArgs, format: LogFormat) -> anyhow::Result<()> {
     init_logging(format, "info");
-    let flavors = match args.iptables {
-        IptablesFlavor::Auto => vec![IptablesFlavor::Nft, IptablesFlavor::Legacy],
-        one => vec![one],
-    };
     let config = load_config(None)?;
     let mut failures = vec![];
-    for flavor in flavors {
-        for exec in xtables(flavor) {
-            if !exec.available() {
-                tracing::info!(iptables = ?exec.backend(), "not installed; nothing to clean");
-                continue;
-            }
-            // Listing a chain creates its table, so an implementation holding no table at all is left
-            // alone (the legacy tables must not appear on an nft node).
-            if args.iptables == IptablesFlavor::Auto && !has_tables(&exec) {
-                tracing::info!(iptables = ?exec.backend(), "no tables; nothing to clean");
-                continue;
-            }
-            let mut backend = IptablesBackend::new(exec, config.clone());
-            if let Err(error) = backend.cleanup() {
-                tracing::error!(%error, "cleanup failed");
+    for mut mode in leftovers::every_mode(&config, &[]) {
+        // `--iptables nft|legacy` limits the iptables part to one implementation.
+        if mode.mode() == ProxyMode::Iptables && args.iptables != IptablesFlavor::Auto {
+            let flavor = match args.iptables {
+                IptablesFlavor::Legacy => XtablesBackend::Legacy,
+                _ => XtablesBackend::Nft,
+            };
+            mode = Box::new(IptablesLeftovers::new(config.clone(), vec![]).only(flavor));
+        }
+        match mode.remove() {
+            Ok(removed) => tracing::info!(mode = %mode.mode(), ?removed, "cleaned"),
+            Err(error) => {
+                tracing::error!(mode = %mode.mode(), %error, "cleanup failed");
                 failures.push(error.to_string());
             }
         }

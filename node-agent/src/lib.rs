@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod conntrack;
 pub mod iptables;
+pub mod leftovers;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -18,6 +18,7 @@ use switchyard_api::AgentConfig;
 use switchyard_api::proxyconfig::ProxyMode;
 
 use crate::conntrack::{Conntrack, stale_flows};
+use crate::leftovers::Leftovers;
 use crate::metrics::{CategoryLabel, Metrics, PolicyLabel, SkippedLabels, TableLabel};
 use crate::model::{IpFamily, Model, NodeInfo, build};
 use crate::server::{Health, HealthCheckServers, HealthCheckTarget};
@@ -110,6 +111,9 @@ pub struct Proxier {
     force_full: bool,
     health_checks: HealthCheckServers,
     skipped: BTreeSet<(String, String, &'static str)>,
+    /// Other modes' objects still to remove: after the first successful sync, retried after each later
+    /// one until removed.
+    leftovers: Vec<Box<dyn Leftovers>>,
 }
 
 impl std::fmt::Debug for Proxier {
@@ -155,7 +159,40 @@ impl Proxier {
             force_full: false,
             health_checks: HealthCheckServers::default(),
             skipped: BTreeSet::new(),
+            leftovers: Vec::new(),
         }
+    }
+
+    /// Removes what other modes left behind, once this proxier's rules are in place (see
+    /// [`crate::leftovers`]).
+    pub fn with_leftovers(mut self, leftovers: Vec<Box<dyn Leftovers>>) -> Self {
+        self.leftovers = leftovers;
+        self
+    }
+
+    /// Modes whose leftovers are still to be removed.
+    pub fn pending_leftovers(&self) -> Vec<ProxyMode> {
+        self.leftovers.iter().map(|l| l.mode()).collect()
+    }
+
+    fn remove_leftovers(&mut self) {
+        let mode = self.backend.mode();
+        self.leftovers.retain_mut(
+            |leftovers| match tokio::task::block_in_place(|| leftovers.remove()) {
+                Ok(removed) => {
+                    if !removed.is_empty() {
+                        tracing::info!(%mode, previous = %leftovers.mode(), ?removed,
+                            "removed what another mode left behind");
+                    }
+                    false
+                }
+                Err(error) => {
+                    tracing::warn!(%mode, previous = %leftovers.mode(), %error,
+                        "cannot remove what another mode left behind; will retry");
+                    true
+                }
+            },
+        );
     }
 
     /// The backend, for cleanup at shutdown.
@@ -176,6 +213,9 @@ impl Proxier {
         }
         if tokio::task::block_in_place(|| self.backend.rules_intact()) {
             self.health.synced(SystemTime::now());
+            if !self.leftovers.is_empty() {
+                self.remove_leftovers();
+            }
             true
         } else {
             tracing::warn!("our rules are gone from the kernel (flushed by someone else?): full resync");
@@ -251,6 +291,9 @@ impl Proxier {
         };
         self.previous = Some(model);
         self.force_full = false;
+        if !self.leftovers.is_empty() {
+            self.remove_leftovers();
+        }
         Ok(outcome)
     }
 

@@ -174,6 +174,73 @@ async fn the_periodic_check_keeps_partial_syncs_until_the_rules_are_lost() {
     assert!(f.proxier.check_rules());
 }
 
+/// Another mode's objects: removal is recorded; fails while told to.
+struct RecordingLeftovers {
+    recorder: Arc<Recorder>,
+    removals: Arc<Mutex<usize>>,
+    failures_left: Arc<Mutex<usize>>,
+}
+
+impl crate::leftovers::Leftovers for RecordingLeftovers {
+    fn mode(&self) -> ProxyMode {
+        ProxyMode::Nftables
+    }
+    fn remove(&mut self) -> Result<Vec<String>, BackendError> {
+        let mut left = self.failures_left.lock().unwrap();
+        if *left > 0 {
+            *left -= 1;
+            return Err(BackendError {
+                category: "leftovers_failed",
+                message: "forced".into(),
+            });
+        }
+        // Removal must come after this mode's rules are programmed: at least one sync happened.
+        assert!(
+            !self.recorder.calls.lock().unwrap().is_empty(),
+            "removed before any rule was in place"
+        );
+        *self.removals.lock().unwrap() += 1;
+        Ok(vec!["nftables table ip switchyard".into()])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_modes_objects_are_removed_only_after_a_successful_sync_and_retried_on_failure() {
+    let f = fixture();
+    let removals = Arc::new(Mutex::new(0));
+    let failures_left = Arc::new(Mutex::new(1));
+    let mut proxier = f.proxier.with_leftovers(vec![Box::new(RecordingLeftovers {
+        recorder: f.recorder.clone(),
+        removals: removals.clone(),
+        failures_left: failures_left.clone(),
+    })]);
+    let services = [service("dns", "10.96.0.10", "UDP")];
+
+    // The new mode's first sync fails: the old mode's objects still carry the traffic, nothing goes.
+    *f.recorder.fail_next.lock().unwrap() = true;
+    assert!(proxier.sync(&services, &[], None, false).await.is_err());
+    assert_eq!(
+        *failures_left.lock().unwrap(),
+        1,
+        "no removal attempted after a failed sync"
+    );
+    assert_eq!(proxier.pending_leftovers(), [ProxyMode::Nftables]);
+
+    // It succeeds; the removal fails once and stays pending.
+    proxier.sync(&services, &[], None, false).await.unwrap();
+    assert_eq!(*failures_left.lock().unwrap(), 0);
+    assert_eq!(*removals.lock().unwrap(), 0);
+    assert_eq!(proxier.pending_leftovers(), [ProxyMode::Nftables]);
+
+    // The next periodic check (nothing changed) retries it, and then it is done for good.
+    assert!(proxier.check_rules());
+    assert_eq!(*removals.lock().unwrap(), 1);
+    assert!(proxier.pending_leftovers().is_empty());
+    proxier.sync(&services, &[], None, false).await.unwrap();
+    assert!(proxier.check_rules());
+    assert_eq!(*removals.lock().unwrap(), 1, "removed once");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_objects_are_counted_while_other_services_sync() {
     let mut f = fixture();

@@ -26,10 +26,12 @@ use switchyard_agent::iptables::backend::IptablesBackend;
 use switchyard_agent::iptables::exec::{
     Backend, BackendChoice, ExecError, Iptables, IptablesRestore, JumpChanges, JumpRule, Table, Tools,
 };
+use switchyard_agent::leftovers;
 use switchyard_agent::metrics::{Metrics, SkippedLabels};
 use switchyard_agent::model::IpFamily;
 use switchyard_agent::server::Health;
 use switchyard_agent::sync::{BackendError, Proxier, SyncOutcome};
+use switchyard_api::proxyconfig::ProxyMode;
 use switchyard_api::{AgentConfig, ProxyConfigSpec};
 
 /// Name of the node under test (endpoints with it are local).
@@ -1578,4 +1580,100 @@ async fn crossing_the_large_cluster_threshold_rewrites_every_endpoint_rule() {
         spread(&c.pods[0].ns, Proto::Tcp, target, &names_of(&eps)),
         names_of(&eps)
     );
+}
+
+/// `nft list tables` inside `ns`, one table per line.
+fn nft_tables(ns: &NetNs) -> BTreeSet<String> {
+    ns.run(&["nft", "list", "tables"])
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_switch_to_iptables_removes_the_nftables_modes_tables_once_its_rules_are_in_place() {
+    if !support::require_root(
+        "a_switch_to_iptables_removes_the_nftables_modes_tables_once_its_rules_are_in_place",
+    ) {
+        return;
+    }
+    let c = Cluster::new("modeswitch", 2, 0).unwrap();
+    let _servers = serve_everywhere(&c);
+    // What an agent in nftables mode left on the node (its `switchyard` tables), beside another tool's
+    // table and a bridge table that happens to share the name.
+    c.node
+        .run_with_input(
+            &["nft", "-f", "-"],
+            "table ip switchyard {\n chain services { type nat hook prerouting priority dstnat; policy accept; }\n}\n\
+             table ip6 switchyard {\n chain services { type nat hook prerouting priority dstnat; policy accept; }\n}\n\
+             table inet other-tool {\n chain input { type filter hook input priority 0; policy accept; }\n}\n\
+             table bridge switchyard {\n}\n",
+        )
+        .unwrap();
+    let ours = ["table ip switchyard", "table ip6 switchyard"];
+    let others = ["table inet other-tool", "table bridge switchyard"];
+    assert!(nft_tables(&c.node).is_superset(&names(ours)));
+
+    let eps = [local(&c, 0), local(&c, 1)];
+    let services = [service("web", 10, Kind::ClusterIp, json!({}))];
+    let config = config(json!({}));
+    let prefix: Vec<std::ffi::OsString> = c.node.exec_prefix().into_iter().map(Into::into).collect();
+    let (exec, fault) = Faulty::new(&c.node);
+    let mut agent = Agent::with_executor(&c.node, exec, config.clone());
+    agent.proxier =
+        agent
+            .proxier
+            .with_leftovers(leftovers::other_modes(ProxyMode::Iptables, &config, &prefix));
+
+    // The first iptables sync fails: the old mode's tables stay, they are all that proxies the node.
+    *fault.lock().unwrap() = Fault::MissingBinary;
+    agent
+        .try_sync(&services, &slices("web", &eps), false)
+        .await
+        .unwrap_err();
+    assert!(
+        nft_tables(&c.node).is_superset(&names(ours)),
+        "nothing removed before a good sync"
+    );
+    assert_eq!(agent.proxier.pending_leftovers(), [ProxyMode::Nftables]);
+
+    // It succeeds: the ClusterIP answers from the iptables rules, and only our nftables tables are gone.
+    *fault.lock().unwrap() = Fault::None;
+    agent.sync(&services, &slices("web", &eps)).await;
+    let tables = nft_tables(&c.node);
+    assert!(tables.is_disjoint(&names(ours)), "{tables:?}");
+    assert!(tables.is_superset(&names(others)), "{tables:?}");
+    assert!(agent.proxier.pending_leftovers().is_empty());
+    for family in IpFamily::ALL {
+        let target = cluster_addr(10, family, Proto::Tcp);
+        assert_eq!(
+            spread(&c.pods[0].ns, Proto::Tcp, target, &names_of(&eps)),
+            names_of(&eps)
+        );
+    }
+
+    // `switchyard-agent cleanup` removes every mode's objects: the iptables chains, and a table of the
+    // nftables mode that came back; still nothing of anyone else.
+    c.node
+        .run_with_input(&["nft", "-f", "-"], "table inet switchyard {\n}\n")
+        .unwrap();
+    for mut mode in leftovers::every_mode(&config, &prefix) {
+        mode.remove().unwrap();
+    }
+    assert!(
+        !save_all(&c.node).contains("SWYD-"),
+        "no iptables chain of ours left"
+    );
+    let tables = nft_tables(&c.node);
+    assert!(
+        !tables.iter().any(|t| [
+            "table ip switchyard",
+            "table ip6 switchyard",
+            "table inet switchyard"
+        ]
+        .contains(&t.as_str())),
+        "{tables:?}"
+    );
+    assert!(tables.is_superset(&names(others)), "{tables:?}");
 }

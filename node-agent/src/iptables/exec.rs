@@ -491,6 +491,16 @@ impl IptablesRestore {
             .all(|binary| resolve(binary).is_ok())
     }
 
+    /// Whether this implementation holds any table at all, in either family (`*-save` without `-t`
+    /// prints only the tables that exist, and creates none).
+    pub fn has_tables(&self) -> bool {
+        IpFamily::ALL.into_iter().any(|family| {
+            self.runner
+                .run(&self.tools(family).save, &[], None)
+                .is_ok_and(|out| out.stdout.lines().any(|l| l.starts_with('*')))
+        })
+    }
+
     /// The binaries used for `family`.
     pub fn tools(&self, family: IpFamily) -> &Tools {
         match family {
@@ -944,23 +954,24 @@ fn detect(runner: &Runner, tools_for: &dyn Fn(Backend, IpFamily) -> Tools) -> De
     }
 }
 
-/// Runs commands (through an optional prefix) with a time limit.
+/// Runs commands (through an optional prefix) with a time limit. Shared with the other tools the agent
+/// runs (`nft` for leftovers of the nftables mode).
 #[derive(Clone, Debug)]
-struct Runner {
+pub(crate) struct Runner {
     prefix: Vec<OsString>,
     timeout: Duration,
 }
 
 /// A finished command.
 #[derive(Debug)]
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Finished {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Finished {
-    fn failed(&self, binary: &Path, args: &[&str]) -> ExecError {
+    pub(crate) fn failed(&self, binary: &Path, args: &[&str]) -> ExecError {
         ExecError::CommandFailed {
             binary: binary.to_path_buf(),
             args: args.join(" "),
@@ -971,7 +982,17 @@ impl Finished {
 }
 
 impl Runner {
-    fn run(&self, binary: &Path, args: &[&str], input: Option<&str>) -> Result<Finished, ExecError> {
+    /// A runner with `prefix` (e.g. `ip netns exec <name>`) that kills commands after `timeout`.
+    pub(crate) fn new(prefix: Vec<OsString>, timeout: Duration) -> Self {
+        Self { prefix, timeout }
+    }
+
+    pub(crate) fn run(
+        &self,
+        binary: &Path,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> Result<Finished, ExecError> {
         let resolved = resolve(binary)?;
         let mut command = match self.prefix.split_first() {
             Some((wrapper, rest)) => {

@@ -277,12 +277,16 @@ async fn a_spec_change_rolls_the_agents_one_at_a_time_and_a_client_sees_no_failu
     let before = default_proxyconfig_ready(&client).await;
     let old_hash = hash_of(&before);
 
-    // One echo pod per node behind a ClusterIP, and a client pod on node-1.
+    // One echo pod per node behind a ClusterIP, and a client pod on node-1. The echo pods are Ready only
+    // once they accept connections (a pod without a probe is Ready as soon as its process starts, which
+    // on a loaded machine can be seconds before it listens).
     let ns = TestNamespace::create(&cluster, "rollout").await.unwrap();
     let pods = Api::<Pod>::namespaced(client.clone(), ns.name());
     for (i, node) in node_names(&cluster).iter().enumerate() {
         let mut pod = echo_pod(&format!("echo-{i}"), Some(node), 1);
         pod["metadata"]["labels"] = json!({"app": "echo"});
+        pod["spec"]["containers"][0]["readinessProbe"] =
+            json!({"tcpSocket": {"port": 8080}, "periodSeconds": 1});
         apply(&pods, pod).await;
     }
     apply(&pods, echo_pod("client", Some("node-1"), 1)).await;
