@@ -13,7 +13,7 @@ use switchyard_api::{AgentConfig, ProxyConfig, ProxyConfigSpec};
 use crate::conntrack::ConntrackTool;
 use crate::iptables::backend::IptablesBackend;
 use crate::iptables::exec::{Backend as XtablesBackend, IptablesRestore};
-use crate::leftovers::{self, IptablesLeftovers};
+use crate::leftovers;
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
 use crate::sync::{self, Backend, Proxier};
@@ -233,14 +233,15 @@ async fn run(args: RunArgs, format: LogFormat) -> anyhow::Result<()> {
         () = deleted => {
             tracing::info!("ProxyConfig deleted: removing every Switchyard rule from this node");
             syncing.abort();
-            let exec = xtables(args.iptables).into_iter().next().context("no iptables implementation")?;
-            let mut backend = IptablesBackend::new(exec, config.clone());
+            let detected = xtables(args.iptables)
+                .into_iter()
+                .next()
+                .context("no iptables implementation")?
+                .backend();
             let cleaned = tokio::task::block_in_place(|| {
-                backend.cleanup()?;
-                for mut other in leftovers::other_modes(config.mode, &config, &[]) {
-                    other.remove()?;
-                }
-                Ok::<_, crate::sync::BackendError>(())
+                leftovers::every_mode(&config, &[], &[detected])
+                    .into_iter()
+                    .try_for_each(|mut mode| mode.remove().map(drop))
             });
             let report = crate::status::Report {
                 mode: Some(config.mode),
@@ -281,15 +282,13 @@ fn cleanup(args: CleanupArgs, format: LogFormat) -> anyhow::Result<()> {
     init_logging(format, "info");
     let config = load_config(None)?;
     let mut failures = vec![];
-    for mut mode in leftovers::every_mode(&config, &[]) {
-        // `--iptables nft|legacy` limits the iptables part to one implementation.
-        if mode.mode() == ProxyMode::Iptables && args.iptables != IptablesFlavor::Auto {
-            let flavor = match args.iptables {
-                IptablesFlavor::Legacy => XtablesBackend::Legacy,
-                _ => XtablesBackend::Nft,
-            };
-            mode = Box::new(IptablesLeftovers::new(config.clone(), vec![]).only(flavor));
-        }
+    // `--iptables nft|legacy` limits the iptables part to one implementation.
+    let iptables = match args.iptables {
+        IptablesFlavor::Auto => leftovers::BOTH_IPTABLES.to_vec(),
+        IptablesFlavor::Nft => vec![XtablesBackend::Nft],
+        IptablesFlavor::Legacy => vec![XtablesBackend::Legacy],
+    };
+    for mut mode in leftovers::every_mode(&config, &[], &iptables) {
         match mode.remove() {
             Ok(removed) => tracing::info!(mode = %mode.mode(), ?removed, "cleaned"),
             Err(error) => {

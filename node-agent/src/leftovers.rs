@@ -7,7 +7,7 @@
 //! `switchyard-agent cleanup` removes the objects of every mode, the same way.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use switchyard_api::AgentConfig;
@@ -32,47 +32,41 @@ pub trait Leftovers: Send {
     fn remove(&mut self) -> Result<Vec<String>, BackendError>;
 }
 
+/// Both iptables implementations.
+pub const BOTH_IPTABLES: [XtablesBackend; 2] = [XtablesBackend::Nft, XtablesBackend::Legacy];
+
 /// Removers for every mode but `mode`: what the agent runs after its first successful sync in `mode`.
 /// `prefix` runs each command through a wrapper (tests use `ip netns exec <name>`).
 pub fn other_modes(mode: ProxyMode, config: &AgentConfig, prefix: &[OsString]) -> Vec<Box<dyn Leftovers>> {
-    every_mode(config, prefix)
+    every_mode(config, prefix, &BOTH_IPTABLES)
         .into_iter()
         .filter(|l| l.mode() != mode)
         .collect()
 }
 
-/// Removers for every mode: what `switchyard-agent cleanup` runs.
-pub fn every_mode(config: &AgentConfig, prefix: &[OsString]) -> Vec<Box<dyn Leftovers>> {
+/// Removers for every mode, the iptables mode's in the `iptables` implementations: what
+/// `switchyard-agent cleanup` runs.
+pub fn every_mode(
+    config: &AgentConfig,
+    prefix: &[OsString],
+    iptables: &[XtablesBackend],
+) -> Vec<Box<dyn Leftovers>> {
     vec![
-        Box::new(IptablesLeftovers::new(config.clone(), prefix.to_vec())),
+        Box::new(IptablesLeftovers {
+            config: config.clone(),
+            prefix: prefix.to_vec(),
+            flavors: iptables.to_vec(),
+        }),
         Box::new(NftablesLeftovers::new(prefix.to_vec())),
     ]
 }
 
-/// The iptables mode's chains and jumps, in both iptables implementations (nft and legacy).
+/// The iptables mode's chains and jumps, in the given iptables implementations.
 #[derive(Debug)]
-pub struct IptablesLeftovers {
+struct IptablesLeftovers {
     config: AgentConfig,
     prefix: Vec<OsString>,
     flavors: Vec<XtablesBackend>,
-}
-
-impl IptablesLeftovers {
-    /// A remover of both implementations' rules, with `config` (for the chains it knows) and a command
-    /// prefix.
-    pub fn new(config: AgentConfig, prefix: Vec<OsString>) -> Self {
-        Self {
-            config,
-            prefix,
-            flavors: vec![XtablesBackend::Nft, XtablesBackend::Legacy],
-        }
-    }
-
-    /// Only `flavor`'s rules.
-    pub fn only(mut self, flavor: XtablesBackend) -> Self {
-        self.flavors = vec![flavor];
-        self
-    }
 }
 
 impl Leftovers for IptablesLeftovers {
@@ -105,29 +99,18 @@ impl Leftovers for IptablesLeftovers {
 
 /// The nftables mode's tables.
 #[derive(Debug)]
-pub struct NftablesLeftovers {
+struct NftablesLeftovers {
     runner: Runner,
-    nft: PathBuf,
 }
 
+/// The nftables command-line tool.
+const NFT: &str = "nft";
+
 impl NftablesLeftovers {
-    /// A remover running `nft` through `prefix`.
-    pub fn new(prefix: Vec<OsString>) -> Self {
+    fn new(prefix: Vec<OsString>) -> Self {
         Self {
             runner: Runner::new(prefix, Duration::from_secs(30)),
-            nft: PathBuf::from("nft"),
         }
-    }
-
-    fn nft(&self, args: &[&str], input: Option<&str>) -> Result<String, BackendError> {
-        let finished = self
-            .runner
-            .run(Path::new(&self.nft), args, input)
-            .map_err(|e| nft_error(&e))?;
-        if !finished.status.success() {
-            return Err(nft_error(&finished.failed(&self.nft, args)));
-        }
-        Ok(finished.stdout)
     }
 }
 
@@ -159,22 +142,26 @@ impl Leftovers for NftablesLeftovers {
     }
 
     fn remove(&mut self) -> Result<Vec<String>, BackendError> {
-        let list = match self.runner.run(Path::new(&self.nft), &["list", "tables"], None) {
+        let nft = Path::new(NFT);
+        let run = |args: &[&str], input: Option<&str>| -> Result<String, ExecError> {
+            let finished = self.runner.run(nft, args, input)?;
+            if finished.status.success() {
+                Ok(finished.stdout)
+            } else {
+                Err(finished.failed(nft, args))
+            }
+        };
+        let list = match run(&["list", "tables"], None) {
             // Without the nft tool on the node, the nftables mode never ran here.
             Err(ExecError::BinaryMissing { .. }) => return Ok(Vec::new()),
-            Err(e) => return Err(nft_error(&e)),
-            Ok(finished) if !finished.status.success() => {
-                return Err(nft_error(&finished.failed(&self.nft, &["list", "tables"])));
-            }
-            Ok(finished) => finished.stdout,
+            listed => listed.map_err(|e| nft_error(&e))?,
         };
         let tables = owned_nft_tables(&list);
-        if tables.is_empty() {
-            return Ok(tables);
+        if !tables.is_empty() {
+            // One transaction: every table goes, or none does.
+            let script: String = tables.iter().map(|t| format!("delete table {t}\n")).collect();
+            run(&["-f", "-"], Some(&script)).map_err(|e| nft_error(&e))?;
         }
-        // One transaction: every table goes, or none does.
-        let script: String = tables.iter().map(|t| format!("delete table {t}\n")).collect();
-        self.nft(&["-f", "-"], Some(&script))?;
         Ok(tables
             .into_iter()
             .map(|t| format!("nftables table {t}"))
@@ -207,6 +194,6 @@ mod tests {
             assert!(others.iter().all(|l| l.mode() != mode), "{mode}");
         }
         assert_eq!(other_modes(ProxyMode::Iptables, &config, &[]).len(), 1);
-        assert_eq!(every_mode(&config, &[]).len(), 2);
+        assert_eq!(every_mode(&config, &[], &BOTH_IPTABLES).len(), 2);
     }
 }

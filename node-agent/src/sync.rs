@@ -213,9 +213,7 @@ impl Proxier {
         }
         if tokio::task::block_in_place(|| self.backend.rules_intact()) {
             self.health.synced(SystemTime::now());
-            if !self.leftovers.is_empty() {
-                self.remove_leftovers();
-            }
+            self.remove_leftovers();
             true
         } else {
             tracing::warn!("our rules are gone from the kernel (flushed by someone else?): full resync");
@@ -291,9 +289,7 @@ impl Proxier {
         };
         self.previous = Some(model);
         self.force_full = false;
-        if !self.leftovers.is_empty() {
-            self.remove_leftovers();
-        }
+        self.remove_leftovers();
         Ok(outcome)
     }
 

@@ -1658,7 +1658,7 @@ async fn a_switch_to_iptables_removes_the_nftables_modes_tables_once_its_rules_a
     c.node
         .run_with_input(&["nft", "-f", "-"], "table inet switchyard {\n}\n")
         .unwrap();
-    for mut mode in leftovers::every_mode(&config, &prefix) {
+    for mut mode in leftovers::every_mode(&config, &prefix, &leftovers::BOTH_IPTABLES) {
         mode.remove().unwrap();
     }
     assert!(

@@ -91,40 +91,27 @@ impl Observation {
     }
 }
 
-/// The outcome of one attempt to take or renew the Lease.
-enum Attempt {
-    /// We hold it (taken or renewed).
-    Held,
-    /// Someone else holds it, or won a race for it.
-    Other,
-    /// The request failed or timed out.
-    Failed(String),
+/// `call`, given up after `limit`: the outer error is the timeout, the inner one the API's.
+async fn timed<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<Result<T, kube::Error>, String> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| format!("no answer within {} ms", limit.as_millis()))
 }
 
+/// `call`, given up after `limit`, with any failure as a message.
 async fn bounded<T>(
     limit: Duration,
     call: impl std::future::Future<Output = Result<T, kube::Error>>,
 ) -> Result<T, String> {
-    match tokio::time::timeout(limit, call).await {
-        Ok(result) => result.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
-    }
+    timed(limit, call).await?.map_err(|e| e.to_string())
 }
 
+/// One attempt to take or renew the Lease within `limit`: `Ok(true)` when we hold it, `Ok(false)` when
+/// someone else does or won a race for it.
 async fn try_acquire(
-    api: &Api<Lease>,
-    settings: &LeaseSettings,
-    seen: &mut Observation,
-    limit: Duration,
-) -> Attempt {
-    match try_acquire_within(api, settings, seen, limit).await {
-        Ok(true) => Attempt::Held,
-        Ok(false) => Attempt::Other,
-        Err(error) => Attempt::Failed(error),
-    }
-}
-
-async fn try_acquire_within(
     api: &Api<Lease>,
     settings: &LeaseSettings,
     seen: &mut Observation,
@@ -133,10 +120,9 @@ async fn try_acquire_within(
     let started = Instant::now();
     let left = || limit.saturating_sub(started.elapsed());
     let duration = i32::try_from(settings.duration.as_secs()).unwrap_or(15);
-    let conflict = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
     let current = bounded(left(), api.get_opt(&settings.name)).await?;
     let now = Timestamp::now();
-    let write = match current {
+    let written = match current {
         None => {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -152,7 +138,7 @@ async fn try_acquire_within(
                     ..LeaseSpec::default()
                 }),
             };
-            tokio::time::timeout(left(), api.create(&PostParams::default(), &lease)).await
+            timed(left(), api.create(&PostParams::default(), &lease)).await?
         }
         Some(mut lease) => {
             let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -166,18 +152,17 @@ async fn try_acquire_within(
             }
             spec.renew_time = Some(MicroTime(now));
             spec.lease_duration_seconds = Some(duration);
-            tokio::time::timeout(
+            timed(
                 left(),
                 api.replace(&settings.name, &PostParams::default(), &lease),
             )
-            .await
+            .await?
         }
     };
-    match write {
-        Ok(Ok(_)) => Ok(true),
-        Ok(Err(e)) if conflict(&e) => Ok(false),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
+    match written {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -190,16 +175,16 @@ pub async fn acquire(client: &Client, settings: &LeaseSettings) -> Instant {
     loop {
         let started = Instant::now();
         match try_acquire(&api, settings, &mut seen, settings.call_timeout()).await {
-            Attempt::Held => {
+            Ok(true) => {
                 tracing::info!(lease = %settings.name, identity = %settings.identity, "became leader");
                 return started;
             }
-            Attempt::Other if !logged => {
+            Ok(false) if !logged => {
                 tracing::info!(lease = %settings.name, "another replica leads; standing by");
                 logged = true;
             }
-            Attempt::Other => {}
-            Attempt::Failed(error) => tracing::warn!(%error, "cannot read the leader Lease"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "cannot read the leader Lease"),
         }
         tokio::time::sleep(settings.retry_period).await;
     }
@@ -218,14 +203,14 @@ pub async fn hold(client: &Client, settings: &LeaseSettings, acquired: Instant) 
             .renew_deadline
             .saturating_sub(started.duration_since(last_renewed));
         match try_acquire(&api, settings, &mut seen, left.min(settings.call_timeout())).await {
-            Attempt::Held => {
+            Ok(true) => {
                 let took = started.elapsed();
                 if took > SLOW_RENEWAL {
                     tracing::warn!(millis = took.as_millis(), "slow leader Lease renewal");
                 }
                 last_renewed = started;
             }
-            Attempt::Other => {
+            Ok(false) => {
                 // A write conflict (another writer touched the Lease between our read and write) is not a
                 // loss while we are still its holder: try again at the next renewal.
                 let holder = bounded(settings.call_timeout(), api.get_opt(&settings.name))
@@ -239,7 +224,7 @@ pub async fn hold(client: &Client, settings: &LeaseSettings, acquired: Instant) 
                 }
                 tracing::debug!("leader Lease renewal conflicted; still the holder");
             }
-            Attempt::Failed(error) => tracing::warn!(%error, "cannot renew the leader Lease"),
+            Err(error) => tracing::warn!(%error, "cannot renew the leader Lease"),
         }
         let since = last_renewed.elapsed();
         if since >= settings.renew_deadline {
